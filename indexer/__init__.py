@@ -1,0 +1,1 @@
+"""vvireid indexer: tracklet manifests, gallery encoding and the FAISS gallery index."""

@@ -1,0 +1,96 @@
+"""The interface every re-ID method implements, so training, the indexer and the server stay generic."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from model.backbone import ClipBackbone
+from model.config import ModelConfig
+from model.preprocess import PreprocessConfig
+
+
+class ReIDModel(nn.Module):
+    """Base class of the methods: a CLIP backbone plus a method head.
+
+    Subclasses set ``method``, ``similarity`` and ``OPTIONS`` (their switches with defaults), and
+    implement ``forward`` (training outputs, a frozen dataclass of named tensors), ``_encode``
+    (the retrieval feature) and ``embed_dim``.
+
+    ``similarity`` states what the features are meant for: ``"cosine"`` (L2-normalise, then inner
+    product) or ``"inner_product"`` (raw dot product, as VLD's official evaluation ranks).
+    """
+
+    method: ClassVar[str] = ""
+    similarity: ClassVar[str] = "cosine"
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: ModelConfig, *, with_text: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = ClipBackbone(config.backbone, config.image_size, with_text=with_text)
+        self.fingerprint: str | None = None
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Merge user options over the defaults; an unknown option is an error naming it."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise ValueError(f"unknown option(s) for {cls.method}: {', '.join(unknown)} (known: {known})")
+        return {**cls.OPTIONS, **options}
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.config.preprocess
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    def option(self, name: str) -> Any:
+        return self.config.options[name]
+
+    def check_clips(self, clips: torch.Tensor) -> None:
+        """Validate a batch of clips at the public boundary.
+
+        Raises:
+            ValueError: with the actual shape when it is not [B, T, 3, H, W] for this model.
+        """
+        height, width = self.config.image_size
+        if clips.ndim != 5 or clips.shape[1] != self.seq_len or tuple(clips.shape[2:]) != (3, height, width):
+            raise ValueError(
+                f"clips must be [B, {self.seq_len}, 3, {height}, {width}], got {list(clips.shape)}"
+            )
+
+    @torch.no_grad()
+    def encode(self, clips: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """The retrieval feature of each clip, computed in eval mode.
+
+        Shape: clips [B, T, 3, H, W], camids [B] or None -> feats [B, embed_dim].
+        """
+        self.check_clips(clips)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._encode(clips, camids)
+        finally:
+            self.train(was_training)
+
+    def _encode(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups with the method's learning-rate multipliers."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": base_lr, "weight_decay": weight_decay}]
+
+    def load_pretrained(self, source: str) -> None:
+        """Load CLIP weights (file or open_clip tag) into the backbone."""
+        self.backbone.load_weights(source)

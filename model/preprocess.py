@@ -1,0 +1,124 @@
+"""Frame preprocessing shared by training evaluation, the indexer and the server.
+
+One code path turns decoded frames into the normalised tensor the model expects, so that a gallery
+tracklet indexed offline and the same frames posted to the server give identical features.
+Resize is PIL bilinear straight to (H, W) (re-ID style: no aspect-preserving crop, which would cut
+pedestrians), then ImageNet mean/std as both official codebases use.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model.sampling import sample_test
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FrameSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+
+class FrameError(ValueError):
+    """A frame could not be read or decoded; ``where`` names the file or request part."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What a checkpoint records about its input: size, normalisation and test-time sampling."""
+
+    image_size: tuple[int, int] = (288, 144)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    seq_len: int = 6
+    test_sampling: str = "rrs_test"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        return cls(
+            image_size=tuple(data["image_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            seq_len=int(data["seq_len"]),
+            test_sampling=str(data["test_sampling"]),
+        )
+
+
+def load_image(source: FrameSource, where: str | None = None) -> Image.Image:
+    """Decode one frame to an RGB PIL image.
+
+    Raises:
+        FrameError: naming the file (or ``where``) and why it cannot be used.
+    """
+    label = where or (str(source) if isinstance(source, (str, Path)) else "frame")
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3)):
+            return Image.fromarray(np.ascontiguousarray(source).squeeze()).convert("RGB")
+        raise FrameError(label, f"array of shape {source.shape} is not an HxW or HxWx3 image")
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise FrameError(label, f"cannot open: {exc.strerror or exc}") from None
+    try:
+        with stream:
+            image = Image.open(stream)
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise FrameError(label, f"not a readable image ({exc})") from None
+
+
+class FramePreprocessor:
+    """Turns frames into normalised tensors and tracklets into test-time clips.
+
+    Shape: ``frame_tensor`` -> [3, H, W]; ``clips`` -> [C, T, 3, H, W] (C = 1 except ``dense``).
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self._mean = np.asarray(config.mean, dtype=np.float32)
+        self._std = np.asarray(config.std, dtype=np.float32)
+
+    def frame_tensor(self, image: Image.Image) -> torch.Tensor:
+        """Resize (bilinear) to (H, W), scale to [0, 1], normalise. Returns float32 [3, H, W]."""
+        height, width = self.config.image_size
+        resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
+        array = (np.asarray(resized, dtype=np.float32) / 255.0 - self._mean) / self._std
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def clip_indices(self, num_frames: int) -> list[list[int]]:
+        """The frame indices of each test clip under this checkpoint's sampling rule."""
+        return sample_test(num_frames, self.config.seq_len, self.config.test_sampling)
+
+    def clips(self, frames: Sequence[FrameSource], names: Sequence[str] | None = None) -> torch.Tensor:
+        """Sample, decode and normalise a tracklet's frames; only sampled frames are decoded.
+
+        Raises:
+            FrameError: for the first frame that cannot be decoded (named by ``names`` if given).
+        """
+        if len(frames) == 0:
+            raise FrameError("tracklet", "has no frames")
+        indices = self.clip_indices(len(frames))
+        wanted = sorted({i for clip in indices for i in clip})
+        decoded = {}
+        for i in wanted:
+            where = names[i] if names is not None else None
+            decoded[i] = self.frame_tensor(load_image(frames[i], where))
+        return torch.stack([torch.stack([decoded[i] for i in clip]) for clip in indices])

@@ -1,0 +1,1 @@
+"""vvireid training: dataset readers, samplers, losses, objectives and the trainer."""
