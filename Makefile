@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test lint demo bench clean browser
 
 venv: $(STAMP)
 
@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## Run the whole test suite (installs everything it needs first).
-test: $(STAMP)
+## Run the whole test suite (installs everything it needs first, chromium for the browser test).
+test: $(STAMP) browser
 	$(PY) -m ruff check model training indexer server tests benchmarks scripts
 	$(PY) -m pytest -q
 
@@ -32,3 +32,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .demo .pytest_cache
+
+## Debian's chromium for the web-page test (best effort: without it that one test is skipped).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the browser test will be skipped"; }

@@ -1,0 +1,335 @@
+"""Generic re-identification losses. They know nothing of methods: ``objectives/<method>.py`` picks
+the features, the weights and the names of the terms.
+
+Every loss computes in float32 with autocast disabled, whatever the input dtype: the distances,
+softmax weights and temperature-scaled logits below are where fp16 loses precision or overflows.
+
+Shapes: ``feats`` ``[B, D]``, ``pids`` ``[B]`` int64 labels in ``[0, C)`` for classifier-like
+losses (any integers for the metric losses), ``logits`` ``[B, C]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+_DIST_CLAMP = 1e-12  # squared distances are clamped here before sqrt (both reference codes)
+_SOFTMAX_EPS = 1e-6  # added to the masked-softmax denominator in VLD's WRT
+
+
+@contextlib.contextmanager
+def _fp32(device: torch.device) -> Iterator[None]:
+    """Run the enclosed ops in float32 even inside an autocast region."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _check_feats_pids(feats: Tensor, pids: Tensor, name: str = "feats") -> None:
+    if feats.dim() != 2:
+        raise ValueError(f"{name} must be [B, D], got shape {tuple(feats.shape)}")
+    if pids.dim() != 1 or pids.shape[0] != feats.shape[0]:
+        raise ValueError(
+            f"pids must be [B] with B={feats.shape[0]} (rows of {name}), got {tuple(pids.shape)}"
+        )
+    if pids.dtype.is_floating_point or pids.dtype == torch.bool or pids.is_complex():
+        raise ValueError(f"pids must be an integer tensor, got {pids.dtype}")
+
+
+def _check_class_range(pids: Tensor, num_classes: int, what: str) -> None:
+    if pids.numel() and (int(pids.min()) < 0 or int(pids.max()) >= num_classes):
+        raise ValueError(
+            f"pids must lie in [0, {num_classes}) for {what}, "
+            f"got min {int(pids.min())} and max {int(pids.max())}"
+        )
+
+
+def pairwise_euclidean(x: Tensor, y: Tensor) -> Tensor:
+    """Euclidean distances ``sqrt(clamp(|x|^2 + |y|^2 - 2 x.y, 1e-12))``, as both methods compute.
+
+    The clamp keeps the gradient of sqrt finite at zero distance, so an anchor's distance to
+    itself is 1e-6, not 0.
+
+    Shape: ``x`` ``[N, D]``, ``y`` ``[M, D]`` -> ``[N, M]`` float32.
+    """
+    with _fp32(x.device):
+        x, y = x.float(), y.float()
+        sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
+        return sq.clamp(min=_DIST_CLAMP).sqrt()
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean softmax cross-entropy; both methods use it plain (no smoothing) for their ID losses.
+
+    A thin wrapper over ``F.cross_entropy`` that computes in float32 and names bad shapes.
+    Shape: ``logits`` ``[B, C]``, ``targets`` ``[B]``.
+    """
+    _check_feats_pids(logits, targets, "logits")
+    _check_class_range(targets, logits.shape[1], "cross_entropy")
+    with _fp32(logits.device):
+        return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
+
+
+def _masked_softmax(values: Tensor, mask: Tensor) -> Tensor:
+    """VLD/AGW's masked softmax over each row.
+
+    The row maximum is taken over ``values * mask``, so entries outside the mask count as 0 in it.
+    For the negative term (``values = -distance <= 0``) that maximum is therefore 0 and nothing is
+    subtracted: the weights are ``exp(-d) / (sum exp(-d) + 1e-6)``. Once ``sum exp(-d)`` over the
+    negatives falls near 1e-6 (closest negatives farther than about 14) the negative weights, and
+    with them the negative distance term, fade toward 0. This is the reference behaviour and is
+    kept on purpose, so that the loss values match VLD's.
+    """
+    row_max = (values * mask).max(dim=1, keepdim=True).values
+    expo = torch.exp(values - row_max) * mask
+    return expo / (expo.sum(dim=1, keepdim=True) + _SOFTMAX_EPS)
+
+
+def wrt_loss(feats: Tensor, pids: Tensor) -> Tensor:
+    """Weighted regularized triplet loss (AGW), exactly as VLD computes it.
+
+    Features are not normalised. For each anchor, positives (same pid, the anchor itself
+    included) are weighted by a softmax of their distances and negatives by a softmax of minus
+    their distances; the loss is ``mean softplus(d_pos - d_neg)`` (SoftMarginLoss with target 1).
+    Positives and negatives mix modalities.
+
+    Shape: ``feats`` ``[B, D]``, ``pids`` ``[B]``. Returns a scalar.
+    """
+    _check_feats_pids(feats, pids)
+    with _fp32(feats.device):
+        dist = pairwise_euclidean(feats, feats)
+        is_pos = (pids.unsqueeze(0) == pids.unsqueeze(1)).float()
+        is_neg = 1.0 - is_pos
+        dist_ap = dist * is_pos
+        dist_an = dist * is_neg
+        d_pos = (dist_ap * _masked_softmax(dist_ap, is_pos)).sum(dim=1)
+        d_neg = (dist_an * _masked_softmax(-dist_an, is_neg)).sum(dim=1)
+        return F.softplus(d_pos - d_neg).mean()
+
+
+class WeightedRegularizedTriplet(nn.Module):
+    """Module form of :func:`wrt_loss` (no parameters)."""
+
+    def forward(self, feats: Tensor, pids: Tensor) -> Tensor:
+        return wrt_loss(feats, pids)
+
+
+def batch_hard_triplet(feats: Tensor, pids: Tensor, margin: float = 0.3) -> Tensor:
+    """Batch-hard triplet loss, as X-ReID computes it.
+
+    Un-normalised features, Euclidean distance; per anchor the farthest positive and the closest
+    negative; ``mean relu(d_pos - d_neg + margin)`` (``MarginRankingLoss`` with target 1).
+
+    Shape: ``feats`` ``[B, D]``, ``pids`` ``[B]``. Returns a scalar.
+
+    Raises:
+        ValueError: if the batch holds a single identity (no negatives to mine).
+    """
+    _check_feats_pids(feats, pids)
+    is_pos = pids.unsqueeze(0) == pids.unsqueeze(1)
+    if bool(is_pos.all()):
+        raise ValueError("batch_hard_triplet needs at least two identities in the batch")
+    with _fp32(feats.device):
+        dist = pairwise_euclidean(feats, feats)
+        d_pos = dist.masked_fill(~is_pos, float("-inf")).max(dim=1).values
+        d_neg = dist.masked_fill(is_pos, float("inf")).min(dim=1).values
+        return F.margin_ranking_loss(d_neg, d_pos, torch.ones_like(d_neg), margin=margin)
+
+
+def prototype_contrastive_loss(
+    feats: Tensor, pids: Tensor, memory: Tensor | PrototypeMemory, temperature: float = 0.05
+) -> Tensor:
+    """Cross-modality prototype contrastive loss (X-ReID's CPCL) against one memory.
+
+    ``CE(normalize(feats) @ memory.T / temperature, pids)``: cosine logits over every prototype.
+    The memory is a constant here (no gradient); it moves only through
+    :meth:`PrototypeMemory.hardest_update`.
+
+    Shape: ``feats`` ``[B, D]``, ``pids`` ``[B]`` in ``[0, C)``, ``memory`` ``[C, D]``.
+    """
+    bank = memory.features if isinstance(memory, PrototypeMemory) else memory
+    _check_feats_pids(feats, pids)
+    if bank.dim() != 2 or bank.shape[1] != feats.shape[1]:
+        raise ValueError(
+            f"memory must be [C, {feats.shape[1]}] to match feats, got {tuple(bank.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_class_range(pids, bank.shape[0], "the prototype memory")
+    with _fp32(feats.device):
+        z = F.normalize(feats.float(), dim=1)
+        logits = z @ bank.detach().float().t() / temperature
+        return F.cross_entropy(logits, pids.long())
+
+
+class PrototypeMemory(nn.Module):
+    """One bank of per-identity prototypes (X-ReID's ``M_vis`` or ``M_ir``), unit rows.
+
+    The bank is a buffer, so it is saved in ``state_dict`` (and checkpoints) and moved by
+    ``.to(device)``, but never trained by the optimiser.
+
+    Life cycle per the X-ReID code: :meth:`rebuild` at the start of every epoch from the features
+    of all training tracklets of one modality; each iteration compute the CPCL loss with the
+    current bank (``memory(feats, pids)``), call ``backward``, and only then call
+    :meth:`hardest_update`. The update is in place: calling it before ``backward`` makes autograd
+    raise, because the loss saved the old bank.
+
+    Args:
+        num_classes: C, the number of training identities.
+        dim: D, the feature width.
+        temperature: CPCL temperature used by :meth:`forward` (0.05 in X-ReID).
+    """
+
+    features: Tensor
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05) -> None:
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+        self.temperature = temperature
+        self.register_buffer("features", torch.zeros(num_classes, dim))
+
+    @property
+    def num_classes(self) -> int:
+        return self.features.shape[0]
+
+    def forward(self, feats: Tensor, pids: Tensor) -> Tensor:
+        """CPCL of ``feats`` against this bank (see :func:`prototype_contrastive_loss`)."""
+        return prototype_contrastive_loss(feats, pids, self.features, self.temperature)
+
+    @torch.no_grad()
+    def rebuild(self, feats: Tensor, pids: Tensor, *, missing: str = "raise") -> None:
+        """Set each row to the L2-normalised mean of the (un-normalised) features of its label.
+
+        Args:
+            feats: ``[N, D]`` features of the tracklets, e.g. all training tracklets of one
+                modality.
+            pids: ``[N]`` labels in ``[0, C)``.
+            missing: what to do with labels that have no sample: ``"raise"`` (default; X-ReID
+                assumes every label occurs in every modality) or ``"keep"`` their previous row
+                (zeros for a fresh bank, i.e. a cosine of 0 with every feature).
+
+        Raises:
+            ValueError: on bad shapes or labels, or a missing label with ``missing="raise"``.
+        """
+        if missing not in ("raise", "keep"):
+            raise ValueError(f"missing must be 'raise' or 'keep', got {missing!r}")
+        self._check_batch(feats, pids)
+        pids = pids.to(device=self.features.device, dtype=torch.long)
+        counts = torch.bincount(pids, minlength=self.num_classes)
+        present = counts > 0
+        if missing == "raise" and not bool(present.all()):
+            absent = torch.nonzero(~present).flatten()
+            shown = ", ".join(str(int(p)) for p in absent[:10])
+            raise ValueError(
+                f"rebuild: {absent.numel()} of {self.num_classes} labels have no sample "
+                f"(first: {shown}); pass missing='keep' to keep their previous rows"
+            )
+        sums = torch.zeros_like(self.features)
+        sums.index_add_(0, pids, feats.detach().to(self.features))
+        means = sums[present] / counts[present].unsqueeze(1).to(sums.dtype)
+        self.features[present] = F.normalize(means, dim=1)
+
+    @torch.no_grad()
+    def hardest_update(
+        self, feats: Tensor, pids: Tensor, momentum: float, candidates: Tensor | None = None
+    ) -> Tensor:
+        """Move each batch label's row toward its hardest (lowest-cosine) eligible sample.
+
+        For every label with at least one eligible sample, among its eligible normalised features
+        take the one with the lowest cosine to the current row (the first on ties) and set
+        ``row = normalize(momentum * row + (1 - momentum) * hardest)``. Other rows are unchanged.
+
+        Args:
+            feats: ``[B, D]`` the batch features the loss used (normalised here).
+            pids: ``[B]`` labels in ``[0, C)``.
+            momentum: weight of the old row, in [0, 1] (X-ReID code 0.1, paper 0.2).
+            candidates: optional ``[B]`` bool mask of eligible samples. ``None`` = every clip of
+                the label in the batch, both modalities (X-ReID code); the paper's Eq. 2 uses only
+                the other modality's clips (pass ``modality != this memory's modality``).
+
+        Returns:
+            The labels whose rows were updated, ascending.
+        """
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self._check_batch(feats, pids)
+        device = self.features.device
+        z = F.normalize(feats.detach().to(device=device, dtype=self.features.dtype), dim=1)
+        labels = pids.to(device=device, dtype=torch.long)
+        if candidates is not None:
+            if candidates.dtype != torch.bool or candidates.shape != pids.shape:
+                raise ValueError(
+                    f"candidates must be a bool mask shaped like pids {tuple(pids.shape)}, "
+                    f"got {candidates.dtype} {tuple(candidates.shape)}"
+                )
+            keep = candidates.to(device)
+            z, labels = z[keep], labels[keep]
+        if labels.numel() == 0:
+            return labels
+        uniq, inverse = torch.unique(labels, return_inverse=True)
+        cosine = (z * self.features[labels]).sum(dim=1)
+        lowest = torch.full_like(uniq, float("inf"), dtype=cosine.dtype)
+        lowest = lowest.scatter_reduce(0, inverse, cosine, reduce="amin")
+        position = torch.arange(labels.numel(), device=device)
+        position = position.masked_fill(cosine != lowest[inverse], labels.numel())
+        first = torch.full_like(uniq, labels.numel()).scatter_reduce(
+            0, inverse, position, reduce="amin"
+        )
+        mixed = momentum * self.features[uniq] + (1.0 - momentum) * z[first]
+        self.features[uniq] = F.normalize(mixed, dim=1)
+        return uniq
+
+    def _check_batch(self, feats: Tensor, pids: Tensor) -> None:
+        _check_feats_pids(feats, pids)
+        if feats.shape[1] != self.features.shape[1]:
+            raise ValueError(
+                f"feats have width {feats.shape[1]} but the memory holds {self.features.shape[1]}"
+            )
+        _check_class_range(pids, self.num_classes, "the prototype memory")
+
+
+def visual_to_text_loss(feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
+    """VLD's visual-to-text ID loss: CE over raw inner products with every identity's text feature.
+
+    No normalisation, no temperature, no label smoothing (VLD code; the paper leaves the
+    similarity undefined). Gradient reaches both the visual and the text features.
+
+    Shape: ``feats`` ``[B, D]``, ``text_feats`` ``[C, D]``, ``pids`` ``[B]`` in ``[0, C)``.
+    """
+    _check_feats_pids(feats, pids)
+    if text_feats.dim() != 2 or text_feats.shape[1] != feats.shape[1]:
+        raise ValueError(
+            f"text_feats must be [C, {feats.shape[1]}] to match feats, "
+            f"got {tuple(text_feats.shape)}"
+        )
+    _check_class_range(pids, text_feats.shape[0], "the text features")
+    with _fp32(feats.device):
+        logits = feats.float() @ text_feats.float().t()
+        return F.cross_entropy(logits, pids.long())
+
+
+def cmcl_loss(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Tensor:
+    """X-ReID's cross-modality consistency loss (paper Eq. 9; absent from the official code).
+
+    ``mean_i ||O_i - O_CII,i||_2`` over clips (``squared=True``: the squared distance). Which side
+    carries gradient is the caller's choice (detach one input to stop it).
+
+    Shape: both ``[B, D]``. Returns a scalar.
+    """
+    if branch_mean.dim() != 2 or branch_mean.shape != cii_out.shape:
+        raise ValueError(
+            f"cmcl_loss needs two [B, D] tensors of the same shape, "
+            f"got {tuple(branch_mean.shape)} and {tuple(cii_out.shape)}"
+        )
+    with _fp32(branch_mean.device):
+        diff = branch_mean.float() - cii_out.float()
+        if squared:
+            return diff.pow(2).sum(dim=1).mean()
+        return torch.linalg.vector_norm(diff, dim=1).mean()
