@@ -1,0 +1,5 @@
+"""VLD: video-level language-driven VVI-ReID (STH + STA spatial-temporal prompting, IMLP)."""
+
+from model.vld.model import VLD, VLDOutput
+
+__all__ = ["VLD", "VLDOutput"]

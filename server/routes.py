@@ -1,0 +1,326 @@
+"""HTTP routes. Routes that run the model are plain ``def``: FastAPI runs them in its thread pool,
+where frames are decoded in parallel, and they wait on the batch worker without blocking the
+event loop. Cheap routes (health, metrics) are ``async``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader
+
+from indexer.store import GalleryItem, Hit
+from model.types import Modality
+from server import schemas
+from server.errors import ApiError
+from server.metrics import CONTENT_TYPE
+from server.service import (
+    FramePayload,
+    InvalidFieldError,
+    NotReadyError,
+    QueryEngine,
+    QueryResult,
+    QuerySpec,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="needed by the gallery write endpoints"
+)
+
+_ERRORS = {
+    status: {"model": schemas.ErrorResponse, "description": text}
+    for status, text in {
+        413: "request or frame too large",
+        422: "bad frame or field (the error names the part)",
+        503: "not ready, or queue full (see Retry-After)",
+    }.items()
+}
+_WRITE_ERRORS = {
+    **_ERRORS,
+    401: {"model": schemas.ErrorResponse, "description": "no X-API-Key header"},
+    403: {"model": schemas.ErrorResponse, "description": "wrong key, or writes disabled"},
+}
+
+router = APIRouter()
+
+FramesField = Annotated[
+    list[UploadFile] | None,
+    File(description="1..max_frames JPEG/PNG/WebP frames of one tracklet, in temporal order"),
+]
+ModalityField = Annotated[
+    str, Form(description="modality of the frames: visible (rgb) or infrared (ir)")
+]
+CamidField = Annotated[
+    int | None,
+    Form(ge=0, description="camera index of the frames (camera-aware models embed it)"),
+]
+
+
+def get_engine(request: Request) -> QueryEngine:
+    """The loaded engine, or a 503 saying why it is not there."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        error = getattr(request.app.state, "load_error", None)
+        raise NotReadyError(
+            f"model failed to load: {error}" if error else "model and index are still loading"
+        )
+    return engine
+
+
+EngineDep = Annotated[QueryEngine, Depends(get_engine)]
+
+
+def require_api_key(
+    request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)] = None
+) -> None:
+    """Gallery writes need the configured key; with none configured they are disabled."""
+    expected = request.app.state.api_key
+    if expected is None:
+        raise ApiError(
+            403, "writes_disabled",
+            "gallery writes are disabled: start the server with --api-key-file FILE "
+            "(or VVIREID_API_KEY_FILE / VVIREID_API_KEY) and send the key in X-API-Key",
+            part="X-API-Key",
+        )
+    if not key:
+        raise ApiError(401, "unauthorized", "missing X-API-Key header", part="X-API-Key",
+                       headers={"WWW-Authenticate": "APIKey"})
+    if not secrets.compare_digest(key.encode(), expected.encode()):
+        raise ApiError(403, "forbidden", "wrong API key", part="X-API-Key")
+
+
+def _read_frames(frames: list[UploadFile] | None) -> list[FramePayload]:
+    return [FramePayload((f.filename or "")[-200:], f.file.read()) for f in frames or []]
+
+
+def _parse_modality(value: str) -> Modality:
+    try:
+        return Modality.parse(value)
+    except ValueError as exc:
+        raise InvalidFieldError(f"modality: {exc}", part="modality") from None
+
+
+def _parse_cameras(values: list[str] | None) -> tuple[int, ...] | None:
+    """``camera`` may repeat and each value may be a comma list: "1,3" or camera=1&camera=3."""
+    cameras: list[int] = []
+    for value in values or []:
+        for token in value.split(","):
+            token = token.strip()
+            if not token:
+                continue
+            if not token.isdigit():
+                raise InvalidFieldError(
+                    f"camera: {token!r} is not a camera index (integers >= 0, e.g. 1,3)",
+                    part="camera",
+                )
+            cameras.append(int(token))
+    return tuple(sorted(set(cameras))) or None
+
+
+def _thumbnail_url(request: Request, tracklet_id: str) -> str:
+    root = request.scope.get("root_path", "")
+    return f"{root}/v1/tracklets/{quote(tracklet_id, safe='')}/thumbnail"
+
+
+def _match(request: Request, hit: Hit) -> schemas.Match:
+    return schemas.Match(
+        rank=hit.rank, tracklet_id=hit.tracklet_id, score=float(hit.score),
+        modality=Modality(hit.modality).label, camid=hit.camid, camera=hit.camera, pid=hit.pid,
+        timestamp=hit.timestamp, thumbnail_url=_thumbnail_url(request, hit.tracklet_id),
+    )
+
+
+def _elapsed_ms(request: Request) -> float:
+    started = getattr(request.state, "started", None) or time.perf_counter()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _query_response(
+    request: Request, engine: QueryEngine, spec: QuerySpec, result: QueryResult
+) -> schemas.QueryResponse:
+    info = engine.describe()["index"]
+    metrics = request.app.state.metrics
+    for stage in ("decode", "encode", "search"):
+        metrics.stage.observe(result.timings_ms[stage] / 1000.0, stage=stage)
+    timings = schemas.Timings(**result.timings_ms, total=_elapsed_ms(request))
+    # One access-log line per request (written by the middleware) carries these details.
+    request.state.detail = (
+        f"{result.num_frames} {spec.modality.label} frames -> {result.gallery_modality.label}, "
+        f"k={spec.top_k}, {len(result.hits)} hits, batch {result.batch_size}"
+    )
+    return schemas.QueryResponse(
+        request_id=getattr(request.state, "request_id", None),
+        matches=[_match(request, hit) for hit in result.hits],
+        query=schemas.QueryInfo(
+            modality=spec.modality.label, gallery_modality=result.gallery_modality.label,
+            cross_modal=spec.cross_modal, frames=result.num_frames, top_k=spec.top_k,
+            cameras=list(spec.cameras) if spec.cameras else None, camid=spec.camid,
+            batch_size=result.batch_size,
+        ),
+        timings_ms=timings,
+        model_fingerprint=engine.fingerprint,
+        index_fingerprint=str(info.get("model_fingerprint", engine.index.fingerprint)),
+        index_size=int(info["size"]),
+        index_version=int(info["version"]),
+    )
+
+
+@router.post(
+    "/v1/query", response_model=schemas.QueryResponse, responses=_ERRORS,
+    operation_id="query_v1", summary="Rank gallery tracklets for a query tracklet",
+)
+@router.post(
+    "/query", response_model=schemas.QueryResponse, responses=_ERRORS,
+    operation_id="query", summary="Rank gallery tracklets (alias of /v1/query)",
+)
+def query(
+    request: Request,
+    engine: EngineDep,
+    modality: ModalityField,
+    frames: FramesField = None,
+    top_k: Annotated[int | None, Form(ge=1, description="matches to return (default 10)")] = None,
+    cross_modal: Annotated[
+        bool,
+        Form(description="true: infrared queries search visible tracklets and vice versa; "
+                         "false: search the query's own modality"),
+    ] = True,
+    camera: Annotated[
+        list[str] | None,
+        Form(description="only gallery tracklets of these camids (repeat, or a comma list)"),
+    ] = None,
+    camid: CamidField = None,
+) -> schemas.QueryResponse:
+    """Find the gallery tracklets closest to the uploaded frames.
+
+    Frames are sampled to the model's sequence length with its test-time rule, encoded (batched
+    with concurrent queries) and searched in the gallery.
+    """
+    settings = request.app.state.settings
+    top_k = settings.default_top_k if top_k is None else top_k
+    if top_k > settings.max_top_k:
+        raise InvalidFieldError(f"top_k: at most {settings.max_top_k}, got {top_k}", part="top_k")
+    spec = QuerySpec(
+        modality=_parse_modality(modality), top_k=top_k, cross_modal=cross_modal,
+        cameras=_parse_cameras(camera), camid=camid,
+    )
+    result = engine.query(_read_frames(frames), spec)
+    return _query_response(request, engine, spec, result)
+
+
+@router.get("/v1/index", response_model=schemas.IndexInfo, summary="Model and gallery facts")
+def index_info(request: Request, engine: EngineDep) -> schemas.IndexInfo:
+    settings = request.app.state.settings
+    limits = {
+        "max_frames": settings.max_frames,
+        "max_top_k": settings.max_top_k,
+        "default_top_k": settings.default_top_k,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+    }
+    return schemas.IndexInfo(**engine.describe(), limits=limits)
+
+
+@router.get(
+    "/v1/tracklets/{tracklet_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorResponse}},
+    summary="JPEG thumbnail of a gallery tracklet (looked up by id in the index)",
+)
+def thumbnail(tracklet_id: str, engine: EngineDep) -> Response:
+    data = engine.thumbnail(tracklet_id)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+
+
+def _item_out(request: Request, item: GalleryItem) -> schemas.GalleryItemOut:
+    return schemas.GalleryItemOut(
+        tracklet_id=item.tracklet_id, modality=Modality(item.modality).label, camid=item.camid,
+        camera=item.camera, pid=item.pid, timestamp=item.timestamp, frames=len(item.frames),
+        thumbnail_url=_thumbnail_url(request, item.tracklet_id),
+    )
+
+
+@router.post(
+    "/v1/gallery", response_model=schemas.GalleryAddResponse, status_code=201,
+    responses={**_WRITE_ERRORS, 409: {"model": schemas.ErrorResponse}},
+    dependencies=[Depends(require_api_key)],
+    summary="Add a tracklet to the gallery (needs X-API-Key); saved before the answer",
+)
+def gallery_add(
+    request: Request,
+    engine: EngineDep,
+    modality: ModalityField,
+    camid: Annotated[int, Form(ge=0, description="camera index of the tracklet")],
+    frames: FramesField = None,
+    camera: Annotated[str | None, Form(max_length=200, description="camera name")] = None,
+    pid: Annotated[int | None, Form(ge=0, description="identity, if known")] = None,
+    tracklet_id: Annotated[
+        str | None, Form(description="id to use (default: generated)")
+    ] = None,
+    timestamp: Annotated[float | None, Form(description="e.g. seconds since the epoch")] = None,
+) -> schemas.GalleryAddResponse:
+    item = engine.add_tracklet(
+        _read_frames(frames), modality=_parse_modality(modality), camid=camid,
+        tracklet_id=tracklet_id, camera=camera, pid=pid, timestamp=timestamp,
+    )
+    info = engine.describe()["index"]
+    return schemas.GalleryAddResponse(
+        request_id=getattr(request.state, "request_id", None), added=_item_out(request, item),
+        index_size=int(info["size"]), index_version=int(info["version"]),
+    )
+
+
+@router.delete(
+    "/v1/gallery/{tracklet_id}", response_model=schemas.GalleryDeleteResponse,
+    responses={**_WRITE_ERRORS, 404: {"model": schemas.ErrorResponse}},
+    dependencies=[Depends(require_api_key)],
+    summary="Remove a tracklet from the gallery (needs X-API-Key); saved before the answer",
+)
+def gallery_delete(
+    request: Request, tracklet_id: str, engine: EngineDep
+) -> schemas.GalleryDeleteResponse:
+    engine.remove_tracklet(tracklet_id)
+    info = engine.describe()["index"]
+    return schemas.GalleryDeleteResponse(
+        request_id=getattr(request.state, "request_id", None), removed=tracklet_id,
+        index_size=int(info["size"]), index_version=int(info["version"]),
+    )
+
+
+@router.get("/healthz", response_model=schemas.Health, summary="The process is alive")
+async def healthz() -> schemas.Health:
+    return schemas.Health(status="ok")
+
+
+@router.get(
+    "/readyz", response_model=schemas.Readiness,
+    responses={503: {"model": schemas.Readiness, "description": "loading or failed"}},
+    summary="200 once the model and the index are loaded",
+)
+async def readyz(request: Request) -> JSONResponse:
+    state = request.app.state
+    if getattr(state, "engine", None) is not None:
+        return JSONResponse({"status": "ready", "detail": None})
+    error = getattr(state, "load_error", None)
+    body = {"status": "failed", "detail": str(error)} if error else {"status": "loading",
+                                                                      "detail": None}
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")

@@ -1,0 +1,108 @@
+"""Response bodies of the HTTP API (they also document it in the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+ModalityName = Literal["visible", "infrared"]
+
+
+class Match(BaseModel):
+    """One gallery tracklet in the ranking."""
+
+    rank: int = Field(description="1 = best match")
+    tracklet_id: str
+    score: float = Field(description="similarity (higher is closer): cosine or inner product")
+    modality: ModalityName
+    camid: int
+    camera: str | None = None
+    pid: int | None = Field(None, description="identity, when the gallery knows it")
+    timestamp: float | None = None
+    thumbnail_url: str
+
+
+class Timings(BaseModel):
+    """Milliseconds per stage. ``encode`` and ``search`` are those of the batch the query rode in."""
+
+    decode: float = Field(description="decode + preprocess in the request thread")
+    queue: float = Field(description="wait for the batch worker")
+    encode: float
+    search: float
+    total: float = Field(description="from the request's arrival to the response")
+
+
+class QueryInfo(BaseModel):
+    modality: ModalityName
+    gallery_modality: ModalityName = Field(description="the gallery part that was searched")
+    cross_modal: bool
+    frames: int
+    top_k: int
+    cameras: list[int] | None
+    camid: int | None
+    batch_size: int = Field(description="queries that shared this model call")
+
+
+class QueryResponse(BaseModel):
+    request_id: str | None
+    matches: list[Match]
+    query: QueryInfo
+    timings_ms: Timings
+    model_fingerprint: str
+    index_fingerprint: str = Field(description="the model fingerprint the index was built with")
+    index_size: int
+    index_version: int = Field(description="increments with each gallery change on this server")
+
+
+class IndexInfo(BaseModel):
+    """Model and index facts (``index`` holds the store's own statistics)."""
+
+    model: dict[str, Any]
+    index: dict[str, Any]
+    limits: dict[str, int] = Field(description="max_frames, max_top_k, max_request_bytes, ...")
+
+
+class GalleryItemOut(BaseModel):
+    tracklet_id: str
+    modality: ModalityName
+    camid: int
+    camera: str | None = None
+    pid: int | None = None
+    timestamp: float | None = None
+    frames: int
+    thumbnail_url: str
+
+
+class GalleryAddResponse(BaseModel):
+    request_id: str | None
+    added: GalleryItemOut
+    index_size: int
+    index_version: int
+
+
+class GalleryDeleteResponse(BaseModel):
+    request_id: str | None
+    removed: str
+    index_size: int
+    index_version: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    detail: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. invalid_frame")
+    message: str
+    part: str | None = Field(None, description="the request part at fault, e.g. frames[2]")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str | None

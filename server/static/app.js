@@ -1,0 +1,219 @@
+// vvireid query page: pick frames, POST them to v1/query, show the ranked gallery tracklets.
+// Plain browser JavaScript, no build step and nothing fetched from outside this server.
+"use strict";
+
+const IMAGE_TYPES = ["image/jpeg", "image/png", "image/webp"];
+const IMAGE_NAME = /\.(jpe?g|png|webp)$/i;
+const STRIP_MAX = 24;
+const $ = (id) => document.getElementById(id);
+
+let chosen = [];
+let maxFrames = 64;
+let ready = false;
+
+function isImage(file) {
+  return IMAGE_TYPES.includes(file.type) || IMAGE_NAME.test(file.name);
+}
+
+function frameName(file) {
+  return file.webkitRelativePath || file.relativePath || file.name;
+}
+
+function setFrames(files) {
+  const byName = (a, b) => frameName(a).localeCompare(frameName(b), undefined, { numeric: true });
+  chosen = Array.from(files).filter(isImage).sort(byName);
+  const skipped = files.length - chosen.length;
+  const strip = $("strip");
+  strip.replaceChildren();
+  for (const file of chosen.slice(0, STRIP_MAX)) {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(file);
+    img.alt = file.name;
+    img.title = frameName(file);
+    img.onload = () => URL.revokeObjectURL(img.src);
+    strip.appendChild(img);
+  }
+  let text = chosen.length ? `${chosen.length} frame(s) chosen` : "No frames chosen.";
+  if (chosen.length > STRIP_MAX) text += ` (first ${STRIP_MAX} shown)`;
+  if (skipped > 0) text += `; ${skipped} non-image file(s) ignored`;
+  if (chosen.length > maxFrames) text += `; the server takes at most ${maxFrames}`;
+  $("frame-count").textContent = text;
+  updateButton();
+}
+
+function updateButton() {
+  $("search").disabled = !(ready && chosen.length > 0);
+}
+
+// Folders dropped on the page arrive as entries that must be walked.
+async function filesFromEntry(entry) {
+  if (entry.isFile) {
+    return new Promise((resolve) => entry.file((f) => {
+      Object.defineProperty(f, "relativePath", { value: entry.fullPath.replace(/^\//, "") });
+      resolve([f]);
+    }, () => resolve([])));
+  }
+  if (!entry.isDirectory) return [];
+  const reader = entry.createReader();
+  const all = [];
+  for (;;) {
+    const batch = await new Promise((resolve) => reader.readEntries(resolve, () => resolve([])));
+    if (!batch.length) break;
+    for (const child of batch) all.push(...(await filesFromEntry(child)));
+  }
+  return all;
+}
+
+async function onDrop(event) {
+  event.preventDefault();
+  $("drop").classList.remove("over");
+  const items = Array.from(event.dataTransfer.items || []);
+  const entries = items.map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+  if (entries.length) {
+    const files = [];
+    for (const entry of entries) files.push(...(await filesFromEntry(entry)));
+    setFrames(files);
+  } else {
+    setFrames(event.dataTransfer.files);
+  }
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function describeError(status, body) {
+  if (body && body.error) {
+    const part = body.error.part ? ` [${body.error.part}]` : "";
+    const id = body.request_id ? `\nrequest id: ${body.request_id}` : "";
+    return `${status} ${body.error.code}${part}: ${body.error.message}${id}`;
+  }
+  return `HTTP ${status}`;
+}
+
+function text(tag, className, content) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  el.textContent = content;
+  return el;
+}
+
+function matchCard(match) {
+  const card = document.createElement("article");
+  card.className = "match";
+  card.dataset.trackletId = match.tracklet_id;
+  card.dataset.rank = match.rank;
+  const thumb = document.createElement("div");
+  thumb.className = "thumb";
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = `thumbnail of ${match.tracklet_id}`;
+  img.src = match.thumbnail_url;
+  img.onerror = () => img.replaceWith(text("span", "hint", "no thumbnail"));
+  thumb.append(img, text("span", "rank", `#${match.rank}`));
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.append(text("div", "id", match.tracklet_id));
+  meta.append(text("div", "score", `score ${match.score.toFixed(4)}`));
+  const where = document.createElement("div");
+  where.append(text("span", `tag tag-${match.modality}`, match.modality));
+  const camera = match.camera ? `${match.camera} (cam ${match.camid})` : `cam ${match.camid}`;
+  where.append(document.createTextNode(` ${camera}`));
+  meta.append(where);
+  if (match.pid !== null && match.pid !== undefined) meta.append(text("div", "", `pid ${match.pid}`));
+  card.append(thumb, meta);
+  return card;
+}
+
+function showResults(body) {
+  const results = $("results");
+  results.replaceChildren();
+  if (!body.matches.length) {
+    results.append(text("p", "hint", `No ${body.query.gallery_modality} tracklets match these filters.`));
+  }
+  for (const match of body.matches) results.append(matchCard(match));
+  const t = body.timings_ms;
+  $("timings").textContent =
+    `${body.query.frames} ${body.query.modality} frames → ${body.query.gallery_modality} gallery · ` +
+    `decode ${t.decode.toFixed(1)} · encode ${t.encode.toFixed(1)} · search ${t.search.toFixed(1)} · ` +
+    `total ${t.total.toFixed(1)} ms · batch ${body.query.batch_size}`;
+}
+
+async function search(event) {
+  event.preventDefault();
+  showError("");
+  if (!chosen.length) return showError("Choose at least one frame.");
+  const form = new FormData();
+  for (const file of chosen) form.append("frames", file, frameName(file));
+  form.append("modality", document.querySelector("input[name=modality]:checked").value);
+  form.append("top_k", $("top-k").value || "10");
+  form.append("cross_modal", $("cross-modal").checked ? "true" : "false");
+  if ($("cameras").value.trim()) form.append("camera", $("cameras").value.trim());
+  if ($("camid").value.trim()) form.append("camid", $("camid").value.trim());
+  const button = $("search");
+  button.disabled = true;
+  button.textContent = "Searching…";
+  try {
+    const response = await fetch("v1/query", { method: "POST", body: form });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) showError(describeError(response.status, body));
+    else showResults(body);
+  } catch (err) {
+    showError(`cannot reach the server: ${err}`);
+  } finally {
+    button.textContent = "Search";
+    updateButton();
+  }
+}
+
+async function pollStatus() {
+  const pill = $("status");
+  try {
+    const response = await fetch("readyz");
+    const body = await response.json();
+    ready = response.ok;
+    pill.textContent = ready ? "ready" : body.status === "failed" ? "failed to load" : "loading…";
+    pill.className = `pill ${ready ? "pill-ok" : body.status === "failed" ? "pill-bad" : "pill-wait"}`;
+    if (body.detail) pill.title = body.detail;
+  } catch (err) {
+    ready = false;
+    pill.textContent = "offline";
+    pill.className = "pill pill-bad";
+  }
+  updateButton();
+  if (ready) loadInfo();
+  else setTimeout(pollStatus, 1000);
+}
+
+async function loadInfo() {
+  const response = await fetch("v1/index");
+  if (!response.ok) return;
+  const info = await response.json();
+  if (info.limits) {
+    maxFrames = info.limits.max_frames;
+    $("top-k").max = info.limits.max_top_k;
+  }
+  const m = info.model;
+  const counts = info.index.per_modality
+    ? Object.entries(info.index.per_modality).map(([k, v]) => `${v.count} ${k}`).join(", ")
+    : "";
+  $("index-info").textContent =
+    `Gallery: ${info.index.size} tracklets${counts ? ` (${counts})` : ""} · ` +
+    `model ${m.method} ${m.backbone}, ${m.seq_len} frames at ${m.image_size.join("x")}, ` +
+    `fingerprint ${m.fingerprint}`;
+}
+
+function init() {
+  $("frames").addEventListener("change", (e) => setFrames(e.target.files));
+  $("folder").addEventListener("change", (e) => setFrames(e.target.files));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", onDrop);
+  $("query-form").addEventListener("submit", search);
+  pollStatus();
+}
+
+init();

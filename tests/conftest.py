@@ -1,0 +1,42 @@
+"""Fixtures shared by every test: the tiny CLIP config, small images, seeded and single-threaded.
+
+Tests build models with ``create_model(method, num_classes, **tiny_kwargs, seq_len=...)``: a
+4-block, 64-wide ViT at 64x32 pixels (a 4x2 patch grid) with random weights: no downloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from model.backbone import TINY_MODEL, register_tiny_configs
+
+TINY_IMAGE_SIZE = (64, 32)
+
+# Tiny models on a shared 2-core machine: extra intra-op threads only contend (10-100x slower).
+torch.set_num_threads(1)
+register_tiny_configs()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict[str, Any]:
+    """Keyword arguments of ``create_model`` for the tiny backbone at 64x32."""
+    return {"backbone": TINY_MODEL, "image_size": TINY_IMAGE_SIZE}
+
+
+@pytest.fixture
+def make_clips() -> Callable[..., torch.Tensor]:
+    """``make_clips(batch, seq_len=4)`` -> random normalised clips [B, T, 3, 64, 32]."""
+
+    def make(batch: int, seq_len: int = 4) -> torch.Tensor:
+        return torch.randn(batch, seq_len, 3, *TINY_IMAGE_SIZE)
+
+    return make

@@ -1,0 +1,237 @@
+"""``vvireid-train``: train (``fit``), evaluate a checkpoint (``eval``) and check/synthesize data.
+
+Examples::
+
+    vvireid-train fit --config vld_hitsz_vcm --data-root /data/HITSZ-VCM --out runs/vld \\
+        --pretrained ViT-B-16.pt
+    vvireid-train fit --out runs/vld --data-root /data/HITSZ-VCM --resume
+    torchrun --nproc_per_node 4 -m training fit --config vld_hitsz_vcm ...
+    vvireid-train eval --checkpoint runs/vld/model.safetensors --data-root /data/HITSZ-VCM
+    vvireid-train data synth --format hitsz-vcm --out /tmp/vcm-synth
+
+User errors (missing data, a bad config key, an unusable checkpoint) print one ``error:`` line
+on stderr and exit with status 2; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DATA_ROOT_ENV = "VVIREID_DATA_ROOT"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with ``fit``, ``eval`` and ``data`` subcommands."""
+    from training.data.cli import add_data_parser
+
+    parser = argparse.ArgumentParser(prog="vvireid-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="{fit,eval,data}")
+    commands.required = True
+    _add_fit(commands)
+    _add_eval(commands)
+    add_data_parser(commands)
+    return parser
+
+
+def _add_fit(commands: Any) -> None:
+    fit = commands.add_parser("fit", help="train a model from a recipe")
+    fit.add_argument("--config", help="recipe name (e.g. vld_hitsz_vcm, smoke) or YAML path; "
+                     "optional with --resume (the run's saved config is used)")
+    fit.add_argument("--data-root", help=f"dataset folder (default: ${DATA_ROOT_ENV})")
+    fit.add_argument("--out", required=True, help="run folder (checkpoints, logs, report)")
+    fit.add_argument("--pretrained", help="CLIP weights file or open_clip pretrained tag")
+    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set optim.lr=1e-5 (repeatable)")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last completed epoch")
+    fit.add_argument("--select-best-on-test", action="store_true",
+                     help="keep the epoch with the best test ir_to_vis R1, as the official codes "
+                     "do (test-set model selection; named in the report). Default: final epoch")
+    fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    fit.set_defaults(func=run_fit)
+
+
+def _add_eval(commands: Any) -> None:
+    ev = commands.add_parser("eval", help="evaluate a checkpoint on a dataset's test protocol")
+    ev.add_argument("--checkpoint", required=True, help="model.safetensors written by fit")
+    ev.add_argument("--data-root", help=f"dataset folder (default: ${DATA_ROOT_ENV})")
+    ev.add_argument("--dataset", choices=("hitsz-vcm", "bupt", "manifest"),
+                    help="dataset format (default: the one the checkpoint was trained on)")
+    ev.add_argument("--out", help="folder for report.json, cmc.png and ranklist.png "
+                    "(default: <checkpoint folder>/eval)")
+    ev.add_argument("--dense", action="store_true",
+                    help="average all consecutive clips of each tracklet (X-ReID eval_all)")
+    ev.add_argument("--test-sampling", help="override the dataset's test frame rule")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--num-workers", type=int, default=2)
+    ev.add_argument("--max-rank", type=int, default=20)
+    ev.add_argument("--drop-last-rgb-batch", action="store_true",
+                    help="BUPTCampus: reproduce the official loader's RGB drop")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.set_defaults(func=run_eval)
+
+
+def _data_root(value: str | None) -> Path:
+    root = value or os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        raise UsageError(f"--data-root is required (or set ${DATA_ROOT_ENV})")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UsageError(f"{path}: data root does not exist")
+    return path
+
+
+class UsageError(ValueError):
+    """A command-line mistake."""
+
+
+def configure_logging(verbose: bool, run_dir: Path | None = None, rank: int = 0) -> None:
+    """Log to stderr (warnings only on ranks > 0) and, on rank 0, to ``RUN/train.log``."""
+    root = logging.getLogger()
+    level = logging.DEBUG if verbose else logging.INFO
+    root.setLevel(level)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_vvireid", "") == "stderr" for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(level if rank == 0 else logging.WARNING)
+        handler.setFormatter(formatter)
+        handler._vvireid = "stderr"  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(formatter)
+        handler._vvireid = "file"  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def _remove_file_handlers() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_vvireid", "") == "file":
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _fit_config(args: argparse.Namespace) -> Any:
+    from training.config import load_config
+    from training.trainer import CONFIG_FILE, read_run_config
+
+    run_dir = Path(args.out).expanduser()
+    if args.resume:
+        if args.config or args.set:
+            return load_config(args.config or run_dir / CONFIG_FILE, args.set)
+        return read_run_config(run_dir)
+    if not args.config:
+        raise UsageError("--config is required (unless --resume continues a run)")
+    return load_config(args.config, args.set)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """Handler of ``fit``: train, then print the final report's metrics as JSON (rank 0)."""
+    from training.distributed import init_distributed, shutdown
+    from training.trainer import Trainer
+
+    config = _fit_config(args)
+    data_root = _data_root(args.data_root)
+    dist = init_distributed(args.device)
+    run_dir = Path(args.out).expanduser()
+    configure_logging(args.verbose, run_dir, dist.rank)
+    try:
+        trainer = Trainer(config, data_root, run_dir, pretrained=args.pretrained,
+                          resume=args.resume, select_best_on_test=args.select_best_on_test,
+                          dist=dist)
+        report = trainer.fit()
+    finally:
+        _remove_file_handlers()
+        shutdown(dist)
+    if dist.is_main:
+        summary = {k: report.get(k) for k in ("dataset", "method", "config", "selection",
+                                              "checkpoint", "directions")}
+        summary["run_dir"] = str(run_dir)
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of ``eval``: both directions, JSON on stdout, report and pictures in ``--out``."""
+    from model.checkpoint import load_checkpoint, read_checkpoint_metadata
+    from training.data import load_dataset
+    from training.distributed import resolve_device
+    from training.report import build_report, protocol_notes, write_eval_outputs
+    from training.trainer import evaluate_model
+
+    configure_logging(args.verbose)
+    checkpoint = Path(args.checkpoint).expanduser()
+    meta = read_checkpoint_metadata(checkpoint)
+    data_root = _data_root(args.data_root)
+    fmt = args.dataset or meta["extra"].get("data_format")
+    if not fmt:
+        raise UsageError(f"{checkpoint}: does not record its dataset format; pass --dataset")
+    device = resolve_device(args.device)
+    model = load_checkpoint(checkpoint, map_location=device)
+    options = {"drop_last_rgb_batch": True} if fmt == "bupt" and args.drop_last_rgb_batch else {}
+    splits = load_dataset(fmt, data_root, **options)
+    rule = args.test_sampling or splits.test_sampling
+    results = evaluate_model(model, splits, device=device, test_sampling=rule, dense=args.dense,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             max_rank=args.max_rank)
+    if not results:
+        raise UsageError(f"{data_root}: the dataset has no query/gallery pairs to evaluate")
+    notes = protocol_notes(splits.name, splits.filter_same_camera, rule, model.seq_len,
+                           model.similarity, args.dense)
+    report = build_report(results, dataset=splits.name, notes=notes, checkpoint=str(checkpoint),
+                          fingerprint=model.fingerprint, method=model.config.method,
+                          trained_on=meta["extra"].get("dataset"),
+                          trained_epochs=meta["extra"].get("epoch"))
+    out = Path(args.out).expanduser() if args.out else checkpoint.parent / "eval"
+    report["files"] = write_eval_outputs(out, report, results,
+                                         filter_same_camera=splits.filter_same_camera)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from indexer.manifest import ManifestError
+    from model.backbone import WeightsError
+    from model.checkpoint import CheckpointError
+    from model.preprocess import FrameError
+    from training.config import ConfigError
+    from training.data.splits import DatasetError
+    from training.trainer import TrainingError
+
+    return (UsageError, ConfigError, TrainingError, DatasetError, CheckpointError, WeightsError,
+            FrameError, ManifestError, ValueError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``vvireid-train``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the last completed epoch's checkpoint is intact; continue "
+                         "with `vvireid-train fit --out RUN --resume`\n")
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:
+        if args.verbose:
+            log.exception("failed")
+        message = str(exc).strip() or type(exc).__name__
+        sys.stderr.write(f"error: {message}\n")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

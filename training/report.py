@@ -1,0 +1,237 @@
+"""Evaluation reports: a JSON summary, a CMC-curve plot and a rank-list picture (PIL only).
+
+The pictures are drawn with PIL because matplotlib is not a dependency: a plot of two curves and a
+grid of thumbnails do not justify one. Everything written here is atomic (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from model.checkpoint import atomic_write_bytes
+from model.preprocess import FrameError, load_image
+from model.types import Tracklet
+from training.evaluation import EvalResult
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+CMC_FILE = "cmc.png"
+RANKLIST_FILE = "ranklist.png"
+_CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+_GREEN, _RED, _GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
+
+
+@dataclass
+class DirectionResult:
+    """One direction's metrics plus what a rank list needs (distances and the tracklets)."""
+
+    result: EvalResult
+    distmat: np.ndarray
+    query: Sequence[Tracklet]
+    gallery: Sequence[Tracklet]
+
+
+def metrics_dict(result: EvalResult, num_queries: int, num_gallery: int) -> dict[str, Any]:
+    """R1/R5/R10/R20, mAP, mINP in percent (2 decimals, as papers print), plus counts."""
+    values = {k: round(100 * v, 2) for k, v in result.to_dict().items()}
+    values.update(
+        num_queries=num_queries,
+        num_valid_queries=result.num_valid_queries,
+        num_gallery=num_gallery,
+    )
+    return values
+
+
+def protocol_notes(dataset: str, filter_same_camera: bool, test_sampling: str, seq_len: int,
+                   similarity: str, dense: bool) -> list[str]:
+    """The facts a reader needs to compare these numbers with a paper's."""
+    notes = [
+        f"dataset {dataset}; both cross-modal directions (ir_to_vis: infrared queries vs visible "
+        "gallery; vis_to_ir: the converse)",
+        "gallery filter: items with the query's pid and camid removed (HITSZ-VCM rule)"
+        if filter_same_camera else "gallery filter: none (BUPTCampus rule)",
+        f"frames: {'dense (mean over all consecutive clips)' if dense else test_sampling}, "
+        f"T={seq_len}",
+        f"similarity: {similarity}; queries without a positive in the gallery are skipped",
+        "metrics in percent; mINP is not computed by the official evaluators (AGW definition)",
+    ]
+    return notes
+
+
+def build_report(
+    directions: dict[str, DirectionResult],
+    *,
+    dataset: str,
+    notes: list[str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON report: metrics per direction, protocol notes, then ``extra`` (checkpoint, ...)."""
+    return {
+        "dataset": dataset,
+        "directions": {
+            name: metrics_dict(d.result, len(d.query), len(d.gallery)) for name, d in directions.items()
+        },
+        "protocol": notes,
+        **extra,
+    }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Atomic, pretty-printed JSON."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _save_png(image: Image.Image, path: str | Path) -> None:
+    atomic_write_bytes(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def draw_cmc(curves: dict[str, np.ndarray], path: str | Path, *, title: str = "CMC") -> None:
+    """Plot CMC curves (rank 1..k on x, matching rate in % on y) as a PNG."""
+    width, height, left, right, top, bottom = 640, 420, 64, 24, 40, 56
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    max_rank = max((len(c) for c in curves.values()), default=1)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(rank: int, value: float) -> tuple[float, float]:
+        x = left + (rank - 1) / max(1, max_rank - 1) * plot_w
+        return x, top + (1 - value) * plot_h
+
+    for tick in range(0, 101, 20):
+        _, y = xy(1, tick / 100)
+        draw.line([(left, y), (left + plot_w, y)], fill=(230, 230, 230))
+        draw.text((left - 8, y), f"{tick}", fill="black", font=small, anchor="rm")
+    for rank in sorted({1, *range(5, max_rank + 1, 5), max_rank}):
+        x, _ = xy(rank, 0)
+        draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill="black")
+        draw.text((x, top + plot_h + 6), str(rank), fill="black", font=small, anchor="mt")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    draw.text((width / 2, 12), title, fill="black", font=font, anchor="mt")
+    draw.text((left + plot_w / 2, height - 20), "rank", fill="black", font=small, anchor="mt")
+    draw.text((8, top - 22), "matching rate (%)", fill="black", font=small)
+    for i, (name, cmc) in enumerate(curves.items()):
+        colour = _CURVE_COLOURS[i % len(_CURVE_COLOURS)]
+        points = [xy(r + 1, float(v)) for r, v in enumerate(cmc)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=3)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        label = f"{name}  R1 {100 * float(cmc[0]):.1f}%"
+        lx, ly = left + plot_w - 190, top + plot_h - 24 - 22 * (len(curves) - 1 - i)
+        draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
+        draw.text((lx + 30, ly), label, fill="black", font=small)
+    _save_png(image, path)
+
+
+def _thumbnail(tracklet: Tracklet, size: tuple[int, int]) -> Image.Image:
+    """The tracklet's middle frame, resized to ``size`` (W, H); grey if it cannot be read."""
+    try:
+        return load_image(tracklet.frames[len(tracklet.frames) // 2]).resize(size, Image.BILINEAR)
+    except FrameError as exc:
+        log.warning("rank list: %s", exc)
+        return Image.new("RGB", size, _GREY)
+
+
+def draw_ranklist(
+    directions: dict[str, DirectionResult],
+    path: str | Path,
+    *,
+    num_queries: int = 4,
+    top_k: int = 8,
+    thumb: tuple[int, int] = (48, 96),
+    filter_same_camera: bool = False,
+) -> None:
+    """A grid: per direction, a few queries (evenly spread) and their top-k gallery tracklets.
+
+    A correct match (same pid) gets a green border, a wrong one red. Gallery items that the
+    protocol removes (same pid and camid, under ``filter_same_camera``) are skipped, as in the
+    metric.
+    """
+    tw, th = thumb
+    pad, border, label_h, gap = 6, 3, 18, 16
+    rows = [(name, qi) for name, d in directions.items()
+            for qi in _spread(len(d.query), num_queries)]
+    cell_w, cell_h = tw + 2 * border + pad, th + 2 * border + pad
+    width = pad + (top_k + 1) * cell_w + gap
+    height = pad + len(rows) * (cell_h + label_h) + pad
+    image = Image.new("RGB", (width, max(height, 40)), "white")
+    draw = ImageDraw.Draw(image)
+    small = _font(11)
+    y = pad
+    for name, qi in rows:
+        d = directions[name]
+        query = d.query[qi]
+        draw.text((pad, y), f"{name}  query pid {query.pid} cam {query.camid}", fill="black", font=small)
+        y += label_h
+        _paste(image, draw, _thumbnail(query, thumb), pad, y, _GREY, border)
+        for k, gi in enumerate(_top_gallery(d, qi, top_k, filter_same_camera)):
+            item = d.gallery[gi]
+            colour = _GREEN if item.pid == query.pid else _RED
+            x = pad + gap + (k + 1) * cell_w
+            _paste(image, draw, _thumbnail(item, thumb), x, y, colour, border)
+        y += cell_h
+    _save_png(image, path)
+
+
+def _paste(image: Image.Image, draw: ImageDraw.ImageDraw, tile: Image.Image, x: int, y: int,
+           colour: tuple[int, int, int], border: int) -> None:
+    draw.rectangle([x, y, x + tile.width + 2 * border - 1, y + tile.height + 2 * border - 1],
+                   fill=colour)
+    image.paste(tile, (x + border, y + border))
+
+
+def _spread(count: int, wanted: int) -> list[int]:
+    if count == 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, count - 1, min(wanted, count))})
+
+
+def _top_gallery(d: DirectionResult, qi: int, top_k: int, filter_same_camera: bool) -> list[int]:
+    order = np.argsort(d.distmat[qi])
+    query = d.query[qi]
+    picked = []
+    for gi in order:
+        item = d.gallery[int(gi)]
+        if filter_same_camera and item.pid == query.pid and item.camid == query.camid:
+            continue
+        picked.append(int(gi))
+        if len(picked) == top_k:
+            break
+    return picked
+
+
+def write_eval_outputs(
+    out_dir: str | Path,
+    report: dict[str, Any],
+    directions: dict[str, DirectionResult],
+    *,
+    filter_same_camera: bool,
+) -> dict[str, str]:
+    """Write ``report.json``, ``cmc.png`` and ``ranklist.png`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"report": str(out / REPORT_FILE), "cmc": str(out / CMC_FILE),
+             "ranklist": str(out / RANKLIST_FILE)}
+    write_json(paths["report"], report)
+    draw_cmc({name: d.result.cmc for name, d in directions.items()}, paths["cmc"],
+             title=f"CMC ({report.get('dataset', '')})")
+    draw_ranklist(directions, paths["ranklist"], filter_same_camera=filter_same_camera)
+    return paths

@@ -1,0 +1,803 @@
+"""The training loop: one generic class for every method (no method branches).
+
+``Trainer(config, data_root, run_dir).fit()`` builds dataset -> model -> objective -> optimiser and
+schedule, then runs ``optim.epochs`` epochs of ``optim.iters_per_epoch`` steps. A method plugs in
+through its model (``forward`` outputs, ``param_groups``, ``encode``) and its objective (named
+loss terms, ``after_backward``, ``on_epoch_start``, ``state_dict``).
+
+Run folder (only rank 0 writes)::
+
+    RUN/config.yaml            resolved config (what ``--resume`` trains with)
+    RUN/run.json               git SHA, command lines, sessions, status
+    RUN/checkpoints/last.pt    resume state after the last completed epoch (tensors/primitives
+                               only, readable with torch.load(weights_only=True))
+    RUN/model.safetensors      inference checkpoint (model.checkpoint format)
+    RUN/best.safetensors       with --select-best-on-test: the best epoch by test R1
+    RUN/metrics.jsonl          one record per logged step, epoch and evaluation
+    RUN/tensorboard/           the same scalars for TensorBoard
+    RUN/report.json, cmc.png, ranklist.png   the final evaluation
+
+Every write is atomic, so a crash, a non-finite loss or a full disk leaves the last good
+checkpoint intact, and ``--resume`` continues from it: model, optimiser, schedule, objective
+state (e.g. prototype memories), sampler epoch and every RNG are restored, so a deterministic
+config reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model.base import ReIDModel
+from model.checkpoint import atomic_write_bytes, save_checkpoint
+from model.factory import create_model
+from model.preprocess import FramePreprocessor, PreprocessConfig
+from model.sampling import sample_train
+from model.types import Modality, Tracklet
+from training.config import TrainConfig, config_from_dict
+from training.data import DatasetSplits, load_dataset
+from training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
+from training.data.splits import DIRECTIONS
+from training.data.transforms import build_train_transform
+from training.data.video_dataset import FrameLoader, TestClipDataset, TrainClipDataset, collate_test
+from training.distributed import (
+    DistInfo,
+    all_gather_objects,
+    any_flag,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    gather_batch,
+    gather_outputs,
+    init_distributed,
+)
+from training.evaluation import distance_matrix, evaluate
+from training.metrics_log import MetricsLogger
+from training.objectives import TrainBatch, create_objective
+from training.optim import create_optimizer, create_scheduler, describe_groups
+from training.report import DirectionResult, build_report, protocol_notes, write_eval_outputs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+RESUME_FILE = "last.pt"
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+STATE_FORMAT = "vvireid.train_state"
+STATE_VERSION = 1
+SELECTION_METRIC = ("ir_to_vis", "R1")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and which checkpoint is intact."""
+
+
+class NonFiniteLossError(TrainingError):
+    """A loss term became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reproducibility
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy, torch and CUDA; deterministic cuDNN as both official codes set it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG as tensors and primitives (no numpy arrays: weights_only loading)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+        "has_gauss": saved["has_gauss"],
+        "gauss": saved["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA, fp32 (no autocast) on CPU; ``bf16`` / ``fp32`` as asked."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def git_sha() -> str | None:
+    """The commit of the vvireid source tree (with ``-dirty``), or None outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty.strip() else sha
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def to_train_batch(items: dict[str, Any]) -> TrainBatch:
+    """Collated ``TrainClipDataset`` items -> ``TrainBatch`` (visible clips, then infrared)."""
+    rgb, ir = items["rgb"], items["ir"]
+    pids = torch.as_tensor(items["pid"], dtype=torch.int64)
+    half = rgb.shape[0]
+    return TrainBatch(
+        clips=torch.cat([rgb, ir]),
+        pids=torch.cat([pids, pids]),
+        camids=torch.cat([torch.as_tensor(items["rgb_camid"]), torch.as_tensor(items["ir_camid"])]).long(),
+        modalities=torch.cat([torch.full((half,), int(Modality.VISIBLE)),
+                              torch.full((half,), int(Modality.INFRARED))]).long(),
+    )
+
+
+class EpochPassDataset(Dataset):
+    """Every training tracklet once, as one clip with test-time preprocessing.
+
+    Objectives that rebuild state at each epoch (X-ReID's prototype memories) read it. Frames
+    are chosen with the training rule, seeded by ``(seed, epoch, index)``, as the official memory
+    pass draws a restricted-random clip per tracklet without augmentation.
+    """
+
+    def __init__(self, tracklets: list[Tracklet], preprocess: PreprocessConfig, sampling: str,
+                 seed: int, epoch: int, on_bad_frame: str) -> None:
+        self.tracklets, self.sampling, self.seed, self.epoch = tracklets, sampling, seed, epoch
+        self.preprocessor = FramePreprocessor(preprocess)
+        self.frames = FrameLoader(on_bad_frame)
+
+    def __len__(self) -> int:
+        return len(self.tracklets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        tracklet = self.tracklets[index]
+        rng = np.random.default_rng([self.seed, 7, self.epoch, index])
+        indices = sample_train(len(tracklet), self.preprocessor.config.seq_len, self.sampling, rng)
+        images = self.frames.load(tracklet, indices)
+        clip = torch.stack([self.preprocessor.frame_tensor(images[i]) for i in indices])
+        return clip, int(tracklet.pid), int(tracklet.camid), int(tracklet.modality)
+
+
+def _epoch_pass_batches(loader: DataLoader) -> Iterator[TrainBatch]:
+    for clips, pids, camids, modalities in loader:
+        yield TrainBatch(clips, pids.long(), camids.long(), modalities.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def encode_tracklets(
+    model: ReIDModel,
+    tracklets: list[Tracklet],
+    preprocess: PreprocessConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    on_bad_frame: str = "fail",
+    dist: DistInfo | None = None,
+) -> np.ndarray | None:
+    """Retrieval features ``[N, D]`` (float32) of ``tracklets``, in fp32 and eval mode.
+
+    Clips of one tracklet (several under ``dense``) are averaged. With several ranks each encodes
+    a strided share and rank 0 receives all features; other ranks get None.
+    """
+    dist = dist or DistInfo()
+    share = list(range(dist.rank, len(tracklets), dist.world_size))
+    dataset = TestClipDataset([tracklets[i] for i in share], FramePreprocessor(preprocess),
+                              on_bad_frame=on_bad_frame)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_test, pin_memory=device.type == "cuda")
+    camids = torch.tensor([tracklets[i].camid for i in share], dtype=torch.int64)
+    feats: dict[int, np.ndarray] = {}
+    for clips, counts, local in loader:
+        clip_camids = camids[local].repeat_interleave(counts)
+        out = model.encode(clips.to(device, non_blocking=True), clip_camids.to(device)).float()
+        for position, part in zip(local.tolist(), torch.split(out, counts.tolist())):
+            feats[share[position]] = part.mean(dim=0).cpu().numpy()
+    gathered = all_gather_objects(dist, feats) if dist.enabled else [feats]
+    if not dist.is_main:
+        return None
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return np.stack([merged[i] for i in range(len(tracklets))]).astype(np.float32)
+
+
+def evaluate_model(
+    model: ReIDModel,
+    splits: DatasetSplits,
+    *,
+    device: torch.device,
+    test_sampling: str | None = None,
+    dense: bool = False,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    max_rank: int = 20,
+    on_bad_frame: str = "fail",
+    dist: DistInfo | None = None,
+) -> dict[str, DirectionResult] | None:
+    """Both cross-modal directions of ``splits`` under the dataset's protocol (None off rank 0).
+
+    Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets).
+    """
+    rule = "dense" if dense else (test_sampling or splits.test_sampling)
+    preprocess = PreprocessConfig(**{**model.preprocess.to_dict(), "test_sampling": rule})
+    unique: dict[Tracklet, int] = {}
+    for direction in DIRECTIONS:
+        for t in [*splits.query.get(direction, []), *splits.gallery.get(direction, [])]:
+            unique.setdefault(t, len(unique))
+    ordered = list(unique)
+    feats = encode_tracklets(model, ordered, preprocess, device=device, batch_size=batch_size,
+                             num_workers=num_workers, on_bad_frame=on_bad_frame, dist=dist)
+    if feats is None:
+        return None
+    results = {}
+    for direction in DIRECTIONS:
+        query, gallery = splits.query.get(direction, []), splits.gallery.get(direction, [])
+        if not query or not gallery:
+            log.warning("%s: no %s queries or gallery; skipped", splits.name, direction)
+            continue
+        q = feats[[unique[t] for t in query]]
+        g = feats[[unique[t] for t in gallery]]
+        dist_qg = distance_matrix(q, g, model.similarity)
+        result = evaluate(dist_qg, [t.pid for t in query], [t.pid for t in gallery],
+                          [t.camid for t in query], [t.camid for t in gallery],
+                          filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
+        results[direction] = DirectionResult(result, dist_qg, query, gallery)
+    return results
+
+
+def flat_metrics(results: dict[str, DirectionResult]) -> dict[str, float]:
+    """``{"ir_to_vis/R1": 0.53, ...}`` for logs and checkpoint metadata (fractions)."""
+    return {f"{name}/{k}": v for name, d in results.items() for k, v in d.result.to_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _atomic_torch_save(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _guard_disk(what: str, path: Path, intact: str, action: Any) -> None:
+    """Run a file write; a full disk becomes a TrainingError naming what is still intact."""
+    try:
+        action()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingError(
+                f"disk full while writing the {what} {path}; {intact}. Free space and run "
+                "again with --resume"
+            ) from None
+        raise TrainingError(f"cannot write the {what} {path}: {exc}; {intact}") from None
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """Read and check a resume file (weights_only: never unpickles arbitrary objects)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: no resume checkpoint (nothing to resume)") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on corrupt files
+        raise TrainingError(f"{path}: unreadable resume checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TrainingError(f"{path}: not a vvireid resume checkpoint")
+    if state.get("version") != STATE_VERSION:
+        raise TrainingError(f"{path}: resume format version {state.get('version')} is not supported")
+    return state
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]} (run: {a!r}, now: {b!r})"]
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config a run was started with (``RUN/config.yaml``)."""
+    path = run_dir / CONFIG_FILE
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: missing; is {run_dir} a vvireid run folder?") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise TrainingError(f"{path}: unusable ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Generic trainer (module docstring).
+
+    Args:
+        config: the recipe.
+        data_root: dataset folder (or manifest) in ``config.data.format``.
+        run_dir: run folder (created). Without ``resume`` it must not hold a run already.
+        pretrained: CLIP weights (file or open_clip tag); overrides ``config.model.pretrained``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue from ``RUN/checkpoints/last.pt``.
+        select_best_on_test: keep the epoch with the best test ir_to_vis R1 (official practice,
+            optimistic: the test set chooses the model); default is the final epoch.
+        dist: process-group info (default: initialised from the environment).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data_root: str | Path,
+        run_dir: str | Path,
+        *,
+        pretrained: str | None = None,
+        device: str = "auto",
+        resume: bool = False,
+        select_best_on_test: bool = False,
+        dist: DistInfo | None = None,
+    ) -> None:
+        self.config = config
+        self.data_root = Path(data_root).expanduser()
+        self.run_dir = Path(run_dir).expanduser()
+        self.pretrained = pretrained or config.model.pretrained
+        self.resume = resume
+        self.select_best = select_best_on_test
+        self.dist = dist or init_distributed(device)
+        self.device = self.dist.device
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.start_epoch = 0
+        self.global_step = 0
+        self.last_results: dict[str, DirectionResult] | None = None
+        self.last_eval_epoch = -1
+        self._check_run_dir()
+        seed_everything(config.seed, config.deterministic)
+        self.splits = self._load_dataset()
+        self._build()
+        if resume:
+            self._load_resume()
+        self._wrap_ddp()
+        self._write_run_files()
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=self.dist.is_main,
+            resume_epoch=self.start_epoch if resume else None,
+            resume_step=self.global_step if resume else None,
+        )
+
+    # ---- setup ---------------------------------------------------------------------------------
+    @property
+    def resume_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR / RESUME_FILE
+
+    def _check_run_dir(self) -> None:
+        if self.resume and not self.resume_path.is_file():
+            raise TrainingError(f"{self.resume_path}: no resume checkpoint (nothing to resume)")
+        if not self.resume and self.resume_path.exists():
+            raise TrainingError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                "another --out"
+            )
+
+    def _load_dataset(self) -> DatasetSplits:
+        data = self.config.data
+        options = dict(data.options)
+        if data.format == "bupt":
+            options.setdefault("drop_last_rgb_batch", data.bupt_drop_last_rgb_batch)
+        if not self.data_root.exists():
+            raise TrainingError(f"{self.data_root}: data root does not exist")
+        try:
+            splits = load_dataset(data.format, self.data_root, **options)
+        except TypeError as exc:
+            raise TrainingError(f"data.options {options}: not accepted by the {data.format} reader "
+                                f"({exc})") from None
+        log.info("dataset %s: %d train tracklets, %d identities, %d cameras", splits.name,
+                 len(splits.train), splits.num_train_pids, splits.num_train_cams)
+        return splits
+
+    def _build(self) -> None:
+        cfg, splits, dist = self.config, self.splits, self.dist
+        m = cfg.model
+        self.test_sampling = cfg.data.test_sampling or splits.test_sampling
+        model = create_model(
+            m.method, splits.num_train_pids, backbone=m.backbone,
+            pretrained=None if self.resume else self.pretrained, image_size=tuple(m.image_size),
+            seq_len=m.seq_len, num_cameras=splits.num_train_cams, test_sampling=self.test_sampling,
+            **m.options,
+        )
+        if dist.enabled and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model: ReIDModel = model.to(self.device)
+        self.objective = create_objective(m.method, self.model, cfg.loss)
+        self.optimizer = create_optimizer(self.model, cfg.optim)
+        self.scheduler = create_scheduler(self.optimizer, cfg.optim)
+        log.info("optimiser groups: %s", describe_groups(self.optimizer))
+        self.sampler = self._sampler()
+        transform = build_train_transform(cfg.augment, tuple(m.image_size),
+                                          pair_flip=cfg.data.pair_flip)
+        self.train_set = TrainClipDataset(
+            splits.train, transform, seq_len=m.seq_len, sampling=cfg.data.train_sampling,
+            aligned_pairs=splits.train_pairs is not None, seed=cfg.seed,
+            on_bad_frame=cfg.data.on_bad_frame,
+        )
+        workers = cfg.data.num_workers
+        self.loader = DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+        )
+
+    def _sampler(self) -> CrossModalityIdentitySampler | BUPTCameraPairSampler:
+        data, splits, dist = self.config.data, self.splits, self.dist
+        iters = self.config.optim.iters_per_epoch
+        try:
+            if splits.train_pairs is not None:
+                if data.tracklets_per_id != 2:
+                    raise ValueError(
+                        f"data.tracklets_per_id must be 2 for {splits.name} (one aligned pair from "
+                        f"each of 2 cameras per identity), got {data.tracklets_per_id}"
+                    )
+                return BUPTCameraPairSampler.from_splits(
+                    splits, data.ids_per_batch, iters, self.config.seed, dist.rank, dist.world_size)
+            return CrossModalityIdentitySampler.from_splits(
+                splits, data.ids_per_batch, data.tracklets_per_id, iters, self.config.seed,
+                dist.rank, dist.world_size)
+        except ValueError as exc:
+            raise TrainingError(f"cannot build batches from {self.data_root}: {exc}") from None
+
+    def _wrap_ddp(self) -> None:
+        self.ddp_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # Some methods hold trainable parameters that a given configuration leaves unused.
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids,
+                                                     find_unused_parameters=True)
+
+    def _write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        atomic_write_bytes(self.run_dir / CONFIG_FILE,
+                           lambda tmp: Path(tmp).write_text(config_text))
+        run_path = self.run_dir / RUN_FILE
+        info = json.loads(run_path.read_text()) if self.resume and run_path.exists() else {}
+        info.setdefault("sessions", []).append({
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv, "git_sha": git_sha(),
+            "resumed_at_epoch": self.start_epoch if self.resume else None,
+            "world_size": self.dist.world_size, "device": str(self.device),
+            "torch": torch.__version__,
+        })
+        info.update(config=self.config.name, dataset=self.splits.name,
+                    data_root=str(self.data_root), status="running",
+                    git_sha=info["sessions"][-1]["git_sha"])
+        text = json.dumps(info, indent=2)
+        atomic_write_bytes(run_path, lambda tmp: Path(tmp).write_text(text))
+
+    def _set_status(self, status: str) -> None:
+        path = self.run_dir / RUN_FILE
+        if not self.dist.is_main or not path.exists():
+            return
+        info = json.loads(path.read_text())
+        info["status"] = status
+        text = json.dumps(info, indent=2)
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+    # ---- resume --------------------------------------------------------------------------------
+    def _resume_state(self, epoch: int) -> dict[str, Any]:
+        rngs = all_gather_objects(self.dist, rng_state())
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "config": self.config.to_dict(),
+            "world_size": self.dist.world_size,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rngs,
+            "history": self.history,
+            "best": self.best,
+        }
+
+    def _load_resume(self) -> None:
+        state = load_resume_state(self.resume_path)
+        diff = _config_diff(state["config"], self.config.to_dict())
+        if diff:
+            raise TrainingError(
+                f"{self.resume_path}: the run was trained with another config; a resumed run must "
+                f"use the same one. Differences: {'; '.join(diff[:8])}"
+            )
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as exc:
+            raise TrainingError(f"{self.resume_path}: model weights do not fit ({exc})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.sampler.load_state_dict(state["sampler"])
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world_size:
+            log.warning("resume: the run had %d processes, now %d; RNG streams differ from an "
+                        "uninterrupted run", len(rngs), self.dist.world_size)
+        set_rng_state(rngs[self.dist.rank % len(rngs)])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+        log.info("resuming %s after epoch %d (step %d)", self.run_dir, self.start_epoch,
+                 self.global_step)
+
+    def save(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Write the resume state (after ``epoch`` completed epochs) and the inference checkpoint."""
+        state = self._resume_state(epoch)
+        if not self.dist.is_main:
+            return
+        intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 1
+                  else "no earlier checkpoint exists")
+        path = self.resume_path
+        _guard_disk("resume checkpoint", path, intact, lambda: _atomic_torch_save(path, state))
+        model_path = self.run_dir / MODEL_FILE
+        _guard_disk("model checkpoint", model_path, f"{path} (epoch {epoch}) is intact",
+                    lambda: save_checkpoint(model_path, self.model, self._extra(epoch, metrics)))
+
+    def _extra(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"dataset": self.splits.name, "data_format": self.config.data.format,
+                "epoch": epoch, "metrics": metrics, "config": self.config.name,
+                "num_train_pids": self.splits.num_train_pids, "git_sha": git_sha()}
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def train_step(self, batch: TrainBatch, epoch: int, iteration: int) -> dict[str, float]:
+        """Forward, loss terms, backward, objective hook, optimiser step; returns the term values.
+
+        Raises:
+            NonFiniteLossError: naming the epoch, iteration and term (before any update).
+        """
+        batch = batch.to(self.device)
+        with self._autocast():
+            out = self.ddp_model(batch.clips, batch.camids)
+        out = gather_outputs(self.dist, out, batch.clips.shape[0], self.splits.num_train_pids)
+        full = gather_batch(self.dist, batch)
+        with self._autocast():
+            terms = self.objective(out, full)
+        if not terms:
+            raise TrainingError("the objective returned no loss terms")
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())]).tolist()
+        named = {"loss": values[0], **dict(zip(terms, values[1:]))}
+        bad = [name for name, v in named.items() if not np.isfinite(v)]
+        if any_flag(self.dist, bool(bad)):
+            term = next((n for n in bad if n != "loss"), bad[0] if bad else "loss (on another rank)")
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: term {term!r} is "
+                f"{named.get(term, float('nan'))}; stopped before updating the weights"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.objective.after_backward(out, full)
+        if self.config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        return named
+
+    # ---- epochs --------------------------------------------------------------------------------
+    def _epoch_pass(self, epoch: int) -> None:
+        if not self.objective.needs_epoch_pass:
+            return
+        dataset = EpochPassDataset(self.splits.train, self.model.preprocess,
+                                   self.config.data.train_sampling, self.config.seed, epoch,
+                                   self.config.data.on_bad_frame)
+        loader = DataLoader(dataset, batch_size=self.config.eval.batch_size,
+                            num_workers=self.config.data.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        self.objective.on_epoch_start(self.model, _epoch_pass_batches(loader))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch of ``iters_per_epoch`` steps; returns the mean of every term."""
+        cfg = self.config
+        self.scheduler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self._epoch_pass(epoch)
+        self.model.train()
+        sums: dict[str, float] = {}
+        steps, started = 0, time.perf_counter()
+        bar = tqdm(self.loader, total=len(self.sampler), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                   disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for iteration, items in enumerate(bar):
+            values = self.train_step(to_train_batch(items), epoch, iteration)
+            self.global_step += 1
+            steps += 1
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if iteration % cfg.log_every == 0 or iteration == len(self.sampler) - 1:
+                self.metrics.log("train", self.global_step, {**values, "lr": lr},
+                                 epoch=epoch, iteration=iteration)
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        tracklets = steps * 2 * cfg.data.ids_per_batch * cfg.data.tracklets_per_id
+        means = {name: total / max(steps, 1) for name, total in sums.items()}
+        self.metrics.log("epoch", self.global_step, {**means, "lr": lr, "seconds": round(seconds, 2),
+                         "tracklets_per_s": round(tracklets / max(seconds, 1e-9), 2)}, epoch=epoch)
+        log.info("epoch %d/%d: loss %.4f (%s) in %.1fs", epoch + 1, cfg.optim.epochs,
+                 means.get("loss", float("nan")),
+                 ", ".join(f"{k} {v:.3f}" for k, v in means.items() if k != "loss"), seconds)
+        return means
+
+    def evaluate(self, epoch: int, *, record: bool = True) -> dict[str, float]:
+        """Evaluate both directions (every rank takes part); with ``record``, log the metrics,
+        append them to the history and update the best epoch."""
+        cfg = self.config
+        results = evaluate_model(
+            self.model, self.splits, device=self.device, test_sampling=self.test_sampling,
+            dense=cfg.eval.dense, batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers, max_rank=cfg.eval.max_rank,
+            on_bad_frame=cfg.data.on_bad_frame, dist=self.dist,
+        )
+        metrics = flat_metrics(results) if results is not None else {}
+        metrics = broadcast_object(self.dist, metrics)
+        self.last_results, self.last_eval_epoch = results, epoch
+        if not record:
+            return metrics
+        self.history.append({"epoch": epoch + 1, **metrics})
+        self.metrics.log("eval", self.global_step, metrics, epoch=epoch)
+        log.info("eval after epoch %d: %s", epoch + 1,
+                 ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k.endswith(("R1", "mAP"))))
+        key = "/".join(SELECTION_METRIC)
+        if self.select_best and key in metrics and (self.best is None or metrics[key] >= self.best["score"]):
+            self.best = {"epoch": epoch + 1, "score": metrics[key], "metrics": metrics}
+            if self.dist.is_main:
+                path = self.run_dir / BEST_FILE
+                _guard_disk("best checkpoint", path, "the resume checkpoint is intact",
+                            lambda: save_checkpoint(path, self.model, {**self._extra(epoch + 1, metrics),
+                                                                      "selection": "best_on_test"}))
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or from the resume point), then evaluate and write the report.
+
+        Returns:
+            The final report (rank 0; other ranks get an empty dict).
+
+        Raises:
+            TrainingError: non-finite loss, full disk, unusable data; the last good checkpoint
+                stays intact in every case.
+        """
+        cfg = self.config
+        try:
+            for epoch in range(self.start_epoch, cfg.optim.epochs):
+                self.train_epoch(epoch)
+                last = epoch == cfg.optim.epochs - 1
+                metrics = {}
+                if last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
+                    metrics = self.evaluate(epoch)
+                self.save(epoch + 1, metrics)
+                barrier(self.dist)
+            report = self._finish()
+        except BaseException:
+            self._set_status("failed")
+            raise
+        finally:
+            self.metrics.close()
+        self._set_status("finished")
+        return report
+
+    def _load_best(self, path: Path) -> None:
+        """Load the best epoch's weights on rank 0 and share them with the other ranks."""
+        if self.dist.is_main:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(str(path), device=str(self.device)))
+        broadcast_module(self.dist, self.model)
+        self.last_eval_epoch = -1
+
+    def _finish(self) -> dict[str, Any]:
+        """Pick the model (final, or best on test with the flag) and write the report files."""
+        cfg = self.config
+        epochs = cfg.optim.epochs
+        selection = {"rule": "final", "epoch": epochs,
+                     "note": "the final epoch's model; no test-set model selection"}
+        if self.select_best and self.best is not None:
+            selection = {"rule": "best_on_test", "epoch": self.best["epoch"],
+                         "metric": "/".join(SELECTION_METRIC),
+                         "note": "--select-best-on-test: the epoch with the best test ir_to_vis R1 "
+                                 "was kept, as the official codes do; this is model selection on "
+                                 "the test set and overstates what unseen data would give"}
+            best_path = self.run_dir / BEST_FILE
+            if self.best["epoch"] != self.last_eval_epoch + 1:
+                self._load_best(best_path)
+            if self.dist.is_main:
+                model_path = self.run_dir / MODEL_FILE
+                _guard_disk("model checkpoint", model_path, f"{best_path} is intact",
+                            lambda: atomic_write_bytes(model_path,
+                                                       lambda tmp: shutil.copyfile(best_path, tmp)))
+        if self.last_eval_epoch != selection["epoch"] - 1:  # e.g. resumed after the last epoch
+            self.evaluate(selection["epoch"] - 1, record=False)
+        if not self.dist.is_main or self.last_results is None:
+            return {}
+        notes = protocol_notes(self.splits.name, self.splits.filter_same_camera,
+                               self.test_sampling, cfg.model.seq_len, self.model.similarity,
+                               cfg.eval.dense)
+        report = build_report(
+            self.last_results, dataset=self.splits.name, notes=notes, selection=selection,
+            checkpoint=str(self.run_dir / MODEL_FILE), method=cfg.model.method, config=cfg.name,
+            git_sha=git_sha(), history=self.history,
+        )
+        paths = write_eval_outputs(self.run_dir, report, self.last_results,
+                                   filter_same_camera=self.splits.filter_same_camera)
+        log.info("report written to %s", paths["report"])
+        return report
+
+
+def run_dir_config(run_dir: str | Path) -> TrainConfig:
+    """Public helper for the CLI: the config saved in a run folder."""
+    return read_run_config(Path(run_dir).expanduser())
+
+
+def environment_summary() -> dict[str, Any]:
+    """Versions and hardware, for the run log."""
+    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
