@@ -192,6 +192,9 @@ class VectorIndex:
         self.index = faiss.index_factory(
             self.dim, _factory_string(self.index_type, self.params), faiss.METRIC_INNER_PRODUCT
         )
+        if self.index_type == "ivfpq":
+            # Polysemous codes are never used here and their training costs minutes (48 s for 10k x 16).
+            self.index.do_polysemous_training = False
         log.info("training %s (nlist %d) on %d vectors", self.index_type, self.params.nlist, len(vectors))
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         self._gpu_stale = True

@@ -76,7 +76,9 @@ def _optional_problems(record: dict[str, Any]) -> list[tuple[str, str]]:
     if pid is not None and not (_is_int(pid) and pid >= 0):
         found.append(("pid", f"must be an integer >= 0 (omit it when unknown), got {pid!r}"))
     if timestamp is not None and not (
-        isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) and math.isfinite(timestamp)
+        isinstance(timestamp, (int, float))
+        and not isinstance(timestamp, bool)
+        and math.isfinite(timestamp)
     ):
         found.append(("timestamp", f"must be a finite number, got {timestamp!r}"))
     if record.get("split") is not None and record["split"] not in SPLITS:
@@ -117,7 +119,9 @@ def _record_problems(record: Any) -> list[tuple[str, str]]:
     for key in record:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            found.append((key, "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")))
+            found.append(
+                (key, "unknown field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            )
     return found + _required_problems(record) + _optional_problems(record)
 
 
@@ -144,7 +148,7 @@ def _to_tracklet(record: dict[str, Any], base: Path, source: str) -> Tracklet:
 
 
 def parse_manifest(lines: Iterable[str], *, source: str, base: str | Path) -> list[Tracklet]:
-    """Parse manifest lines (``source`` names the file in messages; ``base`` anchors relative frames).
+    """Parse manifest lines (``source`` names the file in messages; ``base`` anchors paths).
 
     Raises:
         ManifestError: listing every problem as ``source:line: field: reason``.
@@ -163,11 +167,12 @@ def parse_manifest(lines: Iterable[str], *, source: str, base: str | Path) -> li
             problems.append(f"{where}: json: {exc.msg} (column {exc.colno})")
             continue
         found = _record_problems(record)
-        if not found and record["tracklet_id"] in first_line:
-            found = [("tracklet_id", f"{record['tracklet_id']!r} duplicates line {first_line[record['tracklet_id']]}")]
+        tracklet_id = None if found else record["tracklet_id"]
+        if tracklet_id in first_line:
+            found = [("tracklet_id", f"{tracklet_id!r} duplicates line {first_line[tracklet_id]}")]
         problems += [f"{where}: {field}: {reason}" for field, reason in found]
         if not found:
-            first_line[record["tracklet_id"]] = number
+            first_line[tracklet_id] = number
             tracklets.append(_to_tracklet(record, base, where))
     if problems:
         raise ManifestError(problems)
@@ -261,11 +266,16 @@ def write_manifest(path: str | Path, tracklets: Iterable[Tracklet]) -> None:
 
 def natural_key(name: str) -> list[Any]:
     """Sort key comparing digit runs as numbers, so ``2.jpg`` comes before ``10.jpg``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)] + [name]
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)] + [
+        name
+    ]
 
 
 def _subdirs(folder: Path, problems: list[str], what: str) -> list[Path]:
-    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+    entries = sorted(
+        (p for p in folder.iterdir() if not p.name.startswith(".")),
+        key=lambda p: natural_key(p.name),
+    )
     for entry in entries:
         if not entry.is_dir():
             problems.append(f"{entry}: layout: expected a {what} folder, found a file")
@@ -305,14 +315,16 @@ def scan_folder(root: str | Path) -> list[Tracklet]:
                 for track_dir in _subdirs(cam_dir, problems, "<tracklet>"):
                     frames = _frames(track_dir, problems)
                     if frames and pid is not False:
-                        tracklets.append(Tracklet(
-                            tracklet_id=track_dir.relative_to(root).as_posix(),
-                            frames=frames,
-                            modality=modality,
-                            camid=int(cam_dir.name),
-                            pid=pid,
-                            extra={"source": str(track_dir)},
-                        ))
+                        tracklets.append(
+                            Tracklet(
+                                tracklet_id=track_dir.relative_to(root).as_posix(),
+                                frames=frames,
+                                modality=modality,
+                                camid=int(cam_dir.name),
+                                pid=pid,
+                                extra={"source": str(track_dir)},
+                            )
+                        )
     if problems:
         raise ManifestError(problems)
     return tracklets
@@ -336,7 +348,9 @@ def _frames(track_dir: Path, problems: list[str]) -> tuple[str, ...]:
         if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
             frames.append(str(entry))
         else:
-            problems.append(f"{entry}: frames: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            problems.append(
+                f"{entry}: frames: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
     if not frames:
         problems.append(f"{track_dir}: frames: tracklet folder holds no images")
     return tuple(frames)

@@ -1,24 +1,35 @@
 """vvireid models: CLIP ViT backbone with the VLD and X-ReID methods and a plain CLIP baseline.
 
-Public API (prefer importing from the submodules inside the project itself)::
+Public API::
 
     from model import create_model, load_checkpoint, save_checkpoint, Modality
+
+The names are re-exported lazily, so ``from model.types import Modality`` does not import torch
+and open_clip (data tools and readers stay fast to start).
 """
 
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.factory import available_methods, create_model
-from model.preprocess import FrameError, FramePreprocessor, PreprocessConfig
-from model.types import Modality, Tracklet
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "FrameError",
-    "FramePreprocessor",
-    "Modality",
-    "PreprocessConfig",
-    "Tracklet",
-    "available_methods",
-    "create_model",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "model.checkpoint",
+    "load_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "available_methods": "model.factory",
+    "create_model": "model.factory",
+    "FrameError": "model.preprocess",
+    "FramePreprocessor": "model.preprocess",
+    "PreprocessConfig": "model.preprocess",
+    "Modality": "model.types",
+    "Tracklet": "model.types",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

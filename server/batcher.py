@@ -129,9 +129,10 @@ class MicroBatcher(Generic[Item, Result]):
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                entry = (
-                    self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                )
+                if remaining > 0:
+                    entry = self._queue.get(timeout=remaining)
+                else:
+                    entry = self._queue.get_nowait()
             except queue.Empty:
                 break
             if entry is _STOP:

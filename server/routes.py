@@ -148,7 +148,7 @@ def _elapsed_ms(request: Request) -> float:
 def _query_response(
     request: Request, engine: QueryEngine, spec: QuerySpec, result: QueryResult
 ) -> schemas.QueryResponse:
-    info = engine.describe()["index"]
+    size, version = engine.index_state
     metrics = request.app.state.metrics
     for stage in ("decode", "encode", "search"):
         metrics.stage.observe(result.timings_ms[stage] / 1000.0, stage=stage)
@@ -169,9 +169,9 @@ def _query_response(
         ),
         timings_ms=timings,
         model_fingerprint=engine.fingerprint,
-        index_fingerprint=str(info.get("model_fingerprint", engine.index.fingerprint)),
-        index_size=int(info["size"]),
-        index_version=int(info["version"]),
+        index_fingerprint=engine.index.fingerprint,
+        index_size=size,
+        index_version=version,
     )
 
 
@@ -272,10 +272,10 @@ def gallery_add(
         _read_frames(frames), modality=_parse_modality(modality), camid=camid,
         tracklet_id=tracklet_id, camera=camera, pid=pid, timestamp=timestamp,
     )
-    info = engine.describe()["index"]
+    size, version = engine.index_state
     return schemas.GalleryAddResponse(
         request_id=getattr(request.state, "request_id", None), added=_item_out(request, item),
-        index_size=int(info["size"]), index_version=int(info["version"]),
+        index_size=size, index_version=version,
     )
 
 
@@ -289,10 +289,10 @@ def gallery_delete(
     request: Request, tracklet_id: str, engine: EngineDep
 ) -> schemas.GalleryDeleteResponse:
     engine.remove_tracklet(tracklet_id)
-    info = engine.describe()["index"]
+    size, version = engine.index_state
     return schemas.GalleryDeleteResponse(
         request_id=getattr(request.state, "request_id", None), removed=tracklet_id,
-        index_size=int(info["size"]), index_version=int(info["version"]),
+        index_size=size, index_version=version,
     )
 
 

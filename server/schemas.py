@@ -24,7 +24,7 @@ class Match(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds per stage. ``encode`` and ``search`` are those of the batch the query rode in."""
+    """Milliseconds per stage; ``encode`` and ``search`` are those of the query's whole batch."""
 
     decode: float = Field(description="decode + preprocess in the request thread")
     queue: float = Field(description="wait for the batch worker")

@@ -337,8 +337,13 @@ class QueryEngine:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def index_state(self) -> tuple[int, int]:
+        """(tracklets in the gallery, changes made through this server): cheap, per response."""
+        return len(self.index), self.version
+
     def describe(self) -> dict[str, Any]:
-        """The model and index facts a client may want with every answer."""
+        """The model and index facts (walks the whole gallery: for /v1/index, not per query)."""
         config = self.model.config
         with self._lock.read():
             stats = dict(self.index.stats())
@@ -379,7 +384,10 @@ class QueryEngine:
                 part="frames",
             )
         parts = [f"frames[{i}]" for i in range(len(frames))]
-        labels = [f"{p} ({f.filename})" if f.filename else p for p, f in zip(parts, frames, strict=True)]
+        labels = [
+            f"{part} ({frame.filename})" if frame.filename else part
+            for part, frame in zip(parts, frames, strict=True)
+        ]
         indices = self.encoder.preprocessor.clip_indices(len(frames))
         wanted = {i for clip in indices for i in clip}
         # Thumbnail: the middle frame of the middle clip, as the offline indexer picks it.

@@ -253,6 +253,27 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def schema_paths(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every key path of the schema (``model.seq_len``, ``optim.schedule.name``, ...)."""
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        paths.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths += schema_paths(hints[f.name], f"{path}.")
+    return paths
+
+
+def _suggest_elsewhere(key: str, *, exact: bool = False) -> str:
+    """The same or a close key in another section: ``data.seqlen`` -> ``model.seq_len``."""
+    by_leaf = {p.rsplit(".", 1)[-1]: p for p in schema_paths()}
+    if exact:
+        return f" (did you mean {by_leaf[key]!r}?)" if key in by_leaf else ""
+    close = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
+    return f" (did you mean {by_leaf[close[0]]!r}?)" if close else ""
+
+
 def build(cls: type, data: Any, where: str) -> Any:
     """Construct dataclass ``cls`` from ``data`` strictly (unknown keys and wrong types are errors)."""
     if not isinstance(data, dict):
@@ -262,7 +283,9 @@ def build(cls: type, data: Any, where: str) -> Any:
     for key in data:
         if key not in names:
             path = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown key {path!r}{_suggest(str(key), names)}")
+            hint = (_suggest_elsewhere(str(key), exact=True) or _suggest(str(key), names)
+                    or _suggest_elsewhere(str(key)))
+            raise ConfigError(f"unknown key {path!r}{hint}")
     values = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**values)
 

@@ -28,7 +28,7 @@ class SpatialTemporalHub(nn.Module):
     def insert(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``H[t]`` to frame t of every tracklet. Shape: [B*T, L, D] -> [B*T, L + T, D]."""
         num_tracklets = self._num_tracklets(tokens)
-        hub = self.tokens.to(tokens.dtype).repeat_interleave(num_tracklets, 0)
+        hub = self.tokens.to(tokens.dtype).repeat(num_tracklets, 1, 1)
         return torch.cat([tokens, hub], dim=1)
 
     def exchange(self, tokens: torch.Tensor) -> torch.Tensor:

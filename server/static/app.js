@@ -122,7 +122,9 @@ function matchCard(match) {
   const camera = match.camera ? `${match.camera} (cam ${match.camid})` : `cam ${match.camid}`;
   where.append(document.createTextNode(` ${camera}`));
   meta.append(where);
-  if (match.pid !== null && match.pid !== undefined) meta.append(text("div", "", `pid ${match.pid}`));
+  if (match.pid !== null && match.pid !== undefined) {
+    meta.append(text("div", "", `pid ${match.pid}`));
+  }
   card.append(thumb, meta);
   return card;
 }
@@ -131,14 +133,16 @@ function showResults(body) {
   const results = $("results");
   results.replaceChildren();
   if (!body.matches.length) {
-    results.append(text("p", "hint", `No ${body.query.gallery_modality} tracklets match these filters.`));
+    const none = `No ${body.query.gallery_modality} tracklets match these filters.`;
+    results.append(text("p", "hint", none));
   }
   for (const match of body.matches) results.append(matchCard(match));
   const t = body.timings_ms;
+  const q = body.query;
   $("timings").textContent =
-    `${body.query.frames} ${body.query.modality} frames → ${body.query.gallery_modality} gallery · ` +
-    `decode ${t.decode.toFixed(1)} · encode ${t.encode.toFixed(1)} · search ${t.search.toFixed(1)} · ` +
-    `total ${t.total.toFixed(1)} ms · batch ${body.query.batch_size}`;
+    `${q.frames} ${q.modality} frames → ${q.gallery_modality} gallery · ` +
+    `decode ${t.decode.toFixed(1)} · encode ${t.encode.toFixed(1)} · ` +
+    `search ${t.search.toFixed(1)} · total ${t.total.toFixed(1)} ms · batch ${q.batch_size}`;
 }
 
 async function search(event) {
@@ -174,8 +178,9 @@ async function pollStatus() {
     const response = await fetch("readyz");
     const body = await response.json();
     ready = response.ok;
-    pill.textContent = ready ? "ready" : body.status === "failed" ? "failed to load" : "loading…";
-    pill.className = `pill ${ready ? "pill-ok" : body.status === "failed" ? "pill-bad" : "pill-wait"}`;
+    const failed = body.status === "failed";
+    pill.textContent = ready ? "ready" : failed ? "failed to load" : "loading…";
+    pill.className = `pill ${ready ? "pill-ok" : failed ? "pill-bad" : "pill-wait"}`;
     if (body.detail) pill.title = body.detail;
   } catch (err) {
     ready = false;

@@ -33,6 +33,17 @@ def write_tracklet(folder: Path, rng: np.random.Generator, num_frames: int = 5) 
 
 
 @pytest.fixture
+def frames_of(tmp_path: Path) -> Callable[[str, int, int], list[str]]:
+    """``frames_of(name, n, seed)`` -> absolute paths of ``n`` new frames in ``tmp_path/name``."""
+
+    def make(name: str, n: int, seed: int) -> list[str]:
+        folder = tmp_path / name
+        return [str(folder / f) for f in write_tracklet(folder, np.random.default_rng(seed), n)]
+
+    return make
+
+
+@pytest.fixture
 def make_gallery(tmp_path: Path) -> Callable[..., Path]:
     """``make_gallery(n, name="gallery", start=0)`` -> manifest path of ``n`` tracklets.
 

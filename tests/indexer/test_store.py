@@ -95,26 +95,35 @@ def test_rare_filter_still_returns_exactly_k(tmp_path):
         assert [len(h) for h in hits] == [10, 10, 10]  # only 10 such items exist
 
 
-def test_ivf_and_ivfpq_recall_against_exact(tmp_path):
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """10k clustered vectors (200 identities x 50 views), 20 queries, and a saved ivfpq index of
+    them (training PQ takes seconds, so the tests share it)."""
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((200, DIM)).astype(np.float32)
     gallery = (np.repeat(centres, 50, axis=0) + 0.3 * rng.standard_normal((10000, DIM))).astype(np.float32)
     queries = (centres[:20] + 0.3 * rng.standard_normal((20, DIM))).astype(np.float32)
     items = items_for(10000)
+    path = tmp_path_factory.mktemp("clustered") / "ivfpq"
+    index = new_index(path, index_type="ivfpq")
+    index.add(items, gallery, [b"a%d" % i for i in range(10000)])
+    index.save()
+    return path, gallery, items, queries
+
+
+def test_ivf_and_ivfpq_recall_against_exact(tmp_path, clustered):
+    ivfpq_path, gallery, items, queries = clustered
     exact = new_index(tmp_path / "flat")
     exact.add(items, gallery)
     truth = [{h.tracklet_id for h in row} for row in exact.search(queries, 10)]
-    for index_type, floor in (("ivf", 0.9), ("ivfpq", 0.9)):
-        index = new_index(tmp_path / index_type, index_type=index_type)
-        index.add(items, gallery)
+    ivf = new_index(tmp_path / "ivf", index_type="ivf")
+    ivf.add(items, gallery)
+    ivf.save()
+    for index in (GalleryIndex.open(tmp_path / "ivf"), GalleryIndex.open(ivfpq_path)):
         found = index.search(queries, 10)
         recall = np.mean([len(truth[q] & {h.tracklet_id for h in row}) / 10 for q, row in enumerate(found)])
-        assert recall >= floor, (index_type, recall)
-        index.save()
-        reopened = GalleryIndex.open(tmp_path / index_type, expected_fingerprint="fp-a")
-        assert [[h.tracklet_id for h in r] for r in reopened.search(queries, 10)] == [
-            [h.tracklet_id for h in r] for r in found
-        ]
+        assert recall >= 0.9, (index.index_type, recall)
+        assert index.stats()["index_params"]["nlist"] >= 16
 
 
 def test_ivf_refuses_too_few_vectors(tmp_path):
@@ -241,18 +250,29 @@ def _inject(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> list[str]:
 
 
 @pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
-def test_save_interrupted_at_any_step_keeps_previous_index(tmp_path, monkeypatch, index_type):
+def test_save_interrupted_at_any_step_keeps_previous_index(tmp_path, monkeypatch, index_type, clustered):
     """Fail the i-th file-system step of a save, for every i: the folder then holds the previous
-    index (when save raised) or the new one (when it returned), never anything else."""
-    rng = np.random.default_rng(5)
-    n = 10000 if index_type == "ivfpq" else 30
-    gallery = rng.standard_normal((n + 10, DIM)).astype(np.float32)
-    items = items_for(n + 10)
+    index (when save raised) or the new one (when it returned), never anything else.
+
+    The ivfpq variant only adds the exact-vector file to the same protocol, so it interrupts the
+    steps around that file's write (a full sweep over a 10k index would take a minute).
+    """
     path, pristine = tmp_path / "idx", tmp_path / "pristine"
-    index = new_index(path, index_type=index_type)
-    index.add(items[:n], gallery[:n], [b"a%d" % i for i in range(n)])
-    index.save()
-    shutil.copytree(path, pristine)
+    if index_type == "flat":
+        n = 30
+        gallery = np.random.default_rng(5).standard_normal((n + 10, DIM)).astype(np.float32)
+        items = items_for(n + 10)
+        index = new_index(path, index_type=index_type)
+        index.add(items[:n], gallery[:n], [b"a%d" % i for i in range(n)])
+        index.save()
+        shutil.copytree(path, pristine)
+    else:
+        shutil.copytree(clustered[0], pristine)
+        n = 10000
+        gallery = np.concatenate([clustered[1], np.random.default_rng(5).standard_normal((10, DIM))])
+        gallery = gallery.astype(np.float32)
+        items = items_for(n + 10)
+        shutil.copytree(pristine, path)
     queries = gallery[:4]
     before = _state(path, queries)
 
@@ -275,13 +295,17 @@ def test_save_interrupted_at_any_step_keeps_previous_index(tmp_path, monkeypatch
     after_success = _state(path, queries)
     assert after_success != before and len(after_success[0]) == n + 8
     failed = 0
-    for fail_at in range(len(steps)):
+    window = range(len(steps))
+    if index_type == "ivfpq":
+        at = steps.index("save")
+        window = range(at - 1, min(len(steps), at + 5))  # temp file, write, fsync, rename, dir
+    for fail_at in window:
         ok, calls = change_and_save(fail_at)
         expected = after_success if ok else before
         assert _state(path, queries) == expected, f"save failing at step {fail_at} ({calls[-1]})"
         assert [p.name for p in path.iterdir() if p.name.endswith(".tmp")] == []
         failed += not ok
-    assert failed >= 8, steps  # every data file and the manifest: write, fsync and rename
+    assert failed >= (8 if index_type == "flat" else 4), steps
 
 
 def test_files_of_a_killed_save_are_ignored_then_removed(tmp_path):

@@ -7,7 +7,6 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
 from server_support import TinyGallery, make_settings, running_client, synthetic_frame
 
 from model.types import Modality

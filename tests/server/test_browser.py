@@ -168,6 +168,8 @@ def test_page_searches_picked_frames(tiny_gallery: TinyGallery, tmp_path: Path):
     # Pick the frames in shuffled order: the page must send them in file-name order.
     picked = [str(p) for p in reversed(probe.frames)]
     with live_server(make_settings(tiny_gallery)) as base:
+        in_order = httpx.post(f"{base}/v1/query", files=probe.files(), timeout=30,
+                              data={"modality": "infrared", "cross_modal": "false"}).json()
         process, ws_url = start_chromium(f"{base}/", tmp_path / "profile")
         devtools = DevTools(ws_url)
         try:
@@ -195,6 +197,15 @@ def test_page_searches_picked_frames(tiny_gallery: TinyGallery, tmp_path: Path):
             (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
             if os.environ.get("VVIREID_SCREENSHOT"):
                 shutil.copy(tmp_path / "page.png", os.environ["VVIREID_SCREENSHOT"])
+            # A broken frame: the page shows the server's error, naming the part.
+            broken = tmp_path / "000-broken.jpg"
+            broken.write_bytes(b"\xff\xd8 not really a jpeg")
+            devtools.call("DOM.setFileInputFiles", files=[str(broken)], nodeId=node)
+            devtools.wait_for("document.getElementById('frame-count').textContent"
+                              ".startsWith('1 frame')")
+            devtools.evaluate("document.getElementById('search').click()")
+            error_text = devtools.wait_for("!document.getElementById('error').hidden && "
+                                           "document.getElementById('error').textContent")
             errors = [e for e in devtools.events if e.get("method") == "Runtime.exceptionThrown"]
         finally:
             devtools.close()
@@ -202,7 +213,10 @@ def test_page_searches_picked_frames(tiny_gallery: TinyGallery, tmp_path: Path):
             process.wait(10)
 
     assert cards[0]["id"] == probe.tracklet_id
+    # Same score as the frames posted in temporal order: the page sorted the shuffled pick.
+    assert f"score {in_order['matches'][0]['score']:.4f}" in cards[0]["text"]
     assert "pid 2" in cards[0]["text"] and "infrared" in cards[0]["text"]
     assert all("infrared" in card["text"] for card in cards)
     assert "6 infrared frames" in timings and "total" in timings
+    assert "422 invalid_frame [frames[0]]" in error_text and "000-broken.jpg" in error_text
     assert errors == []

@@ -107,7 +107,8 @@ def test_32_concurrent_clients_get_their_own_answers_batched(tiny_gallery: TinyG
                         data={"modality": probe.modality.label, "cross_modal": "false",
                               "top_k": "3"},
                     )
-                    top = response.json()["matches"][0]["tracklet_id"] if response.is_success else ""
+                    ok = response.is_success
+                    top = response.json()["matches"][0]["tracklet_id"] if ok else ""
                     results.append((response.status_code, probe.tracklet_id, top))
             return results
 

@@ -1,4 +1,4 @@
-"""BUPTCampus reader against small hand-made trees: pairs, string-sorted labels, directions, drop."""
+"""BUPTCampus reader on small hand-made trees: pairs, string-sorted labels, directions, drop."""
 
 import json
 from pathlib import Path
@@ -27,17 +27,26 @@ def write_bupt(root: Path, *, train=TRAIN, query=QUERY, gallery=GALLERY, frames=
                 (root / "DATA" / r).parent.mkdir(parents=True, exist_ok=True)
                 (root / "DATA" / r).write_bytes(b"")
     (root / "data_paths.json").write_text(json.dumps(paths))
-    for name, lines in (("train", train), ("train_auxiliary", AUX), ("query", query), ("gallery", gallery)):
+    for name, lines in (
+        ("train", train),
+        ("train_auxiliary", AUX),
+        ("query", query),
+        ("gallery", gallery),
+    ):
         (root / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
     return root
 
 
 def test_train_pairs_are_aligned_and_labels_sort_string_ids(tmp_path):
     splits = load_buptcampus(write_bupt(tmp_path))
-    assert splits.name == "bupt" and splits.test_sampling == "uniform" and not splits.filter_same_camera
+    assert (
+        splits.name == "bupt"
+        and splits.test_sampling == "uniform"
+        and not splits.filter_same_camera
+    )
     assert splits.num_train_pids == 3 and splits.num_train_cams == 6
     assert len(splits.train_pairs) == 5
-    for (r, i), line in zip(splits.train_pairs, TRAIN):
+    for (r, i), line in zip(splits.train_pairs, TRAIN, strict=True):
         rgb, ir = splits.train[r], splits.train[i]
         pid, _, cam, tid = line.split()
         assert (rgb.modality, ir.modality) == (Modality.VISIBLE, Modality.INFRARED)
@@ -48,7 +57,8 @@ def test_train_pairs_are_aligned_and_labels_sort_string_ids(tmp_path):
     assert [splits.train[r].pid for r, _ in splits.train_pairs] == [0, 0, 1, 2, 2]
     aux = splits.extra["auxiliary"]
     assert [(t.pid, t.modality, t.camid) for t in aux] == [
-        (900, Modality.VISIBLE, 5), (900, Modality.INFRARED, 5)
+        (900, Modality.VISIBLE, 5),
+        (900, Modality.INFRARED, 5),
     ]
 
 
@@ -56,9 +66,15 @@ def test_directions_use_modality_of_each_line(tmp_path):
     splits = load_buptcampus(write_bupt(tmp_path))
     q, g = splits.query, splits.gallery
     assert [(t.pid, t.modality, t.camid) for t in q["ir_to_vis"]] == [(3, Modality.INFRARED, 0)]
-    assert [(t.pid, t.modality) for t in g["ir_to_vis"]] == [(3, Modality.VISIBLE), (4, Modality.VISIBLE)]
+    assert [(t.pid, t.modality) for t in g["ir_to_vis"]] == [
+        (3, Modality.VISIBLE),
+        (4, Modality.VISIBLE),
+    ]
     assert [(t.pid, t.modality, t.camid) for t in q["vis_to_ir"]] == [(4, Modality.VISIBLE, 1)]
-    assert [(t.pid, t.modality) for t in g["vis_to_ir"]] == [(3, Modality.INFRARED), (4, Modality.INFRARED)]
+    assert [(t.pid, t.modality) for t in g["vis_to_ir"]] == [
+        (3, Modality.INFRARED),
+        (4, Modality.INFRARED),
+    ]
 
 
 def test_data_folder_is_accepted_as_root(tmp_path):

@@ -1,4 +1,4 @@
-"""Tracklet manifests: round trip, the all-problems error listing, folder scanning, dataset splits."""
+"""Tracklet manifests: round trip, all-problems error listing, folder scanning, dataset splits."""
 
 import json
 
@@ -13,15 +13,32 @@ from training.data.splits import DatasetError
 def _tracklet(tid, modality, camid, frames, pid=None, split=None, **extra):
     if split is not None:
         extra["split"] = split
-    return Tracklet(tid, tuple(str(f) for f in frames), modality, camid, pid, extra.pop("timestamp", None), extra)
+    return Tracklet(
+        tid,
+        tuple(str(f) for f in frames),
+        modality,
+        camid,
+        pid,
+        extra.pop("timestamp", None),
+        extra,
+    )
 
 
 def test_round_trip_keeps_every_field_and_relative_paths(tmp_path):
     inside = [tmp_path / "frames" / f"{i}.jpg" for i in range(3)]
     outside = [tmp_path.parent / "elsewhere" / "a.jpg"]
     tracklets = [
-        _tracklet("a", Modality.INFRARED, 3, inside, pid=7, split="query", camera="gate", timestamp=12.5,
-                  meta={"site": "north"}),
+        _tracklet(
+            "a",
+            Modality.INFRARED,
+            3,
+            inside,
+            pid=7,
+            split="query",
+            camera="gate",
+            timestamp=12.5,
+            meta={"site": "north"},
+        ),
         _tracklet("b", Modality.VISIBLE, 0, outside),
     ]
     path = tmp_path / "m.jsonl"
@@ -40,9 +57,13 @@ def test_round_trip_keeps_every_field_and_relative_paths(tmp_path):
 def test_relative_frames_resolve_against_the_manifest_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "m.jsonl"
-    path.write_text('{"tracklet_id": "x", "modality": "ir", "camid": 1, "frames": ["../f/1.jpg"]}\n\n')
+    path.write_text(
+        '{"tracklet_id": "x", "modality": "ir", "camid": 1, "frames": ["../f/1.jpg"]}\n\n'
+    )
     (t,) = read_manifest(path)
-    assert t.frames == (str(tmp_path.resolve() / "f" / "1.jpg"),) and t.modality == Modality.INFRARED
+    assert (
+        t.frames == (str(tmp_path.resolve() / "f" / "1.jpg"),) and t.modality == Modality.INFRARED
+    )
 
 
 def test_every_problem_is_listed_with_line_and_field(tmp_path):
@@ -83,15 +104,23 @@ def test_write_refuses_invalid_tracklets_and_keeps_the_old_file(tmp_path):
     path = tmp_path / "m.jsonl"
     write_manifest(path, [_tracklet("a", Modality.VISIBLE, 0, ["x.jpg"])])
     before = path.read_text()
-    bad = [_tracklet("a", Modality.VISIBLE, -2, ["x.jpg"]), _tracklet("a", Modality.VISIBLE, 0, ["y.jpg"])]
+    bad = [
+        _tracklet("a", Modality.VISIBLE, -2, ["x.jpg"]),
+        _tracklet("a", Modality.VISIBLE, 0, ["y.jpg"]),
+    ]
     with pytest.raises(ManifestError, match="camid"):
         write_manifest(path, bad)
     assert path.read_text() == before
 
 
 def test_scan_folder_layout(tmp_path):
-    for rel in ["7/visible/2/t1/10.jpg", "7/visible/2/t1/2.jpg", "7/infrared/0/t9/0.png",
-                "unknown/ir/1/x/1.jpg", "7/visible/2/t1/.DS_Store"]:
+    for rel in [
+        "7/visible/2/t1/10.jpg",
+        "7/visible/2/t1/2.jpg",
+        "7/infrared/0/t9/0.png",
+        "unknown/ir/1/x/1.jpg",
+        "7/visible/2/t1/.DS_Store",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     tracklets = {t.tracklet_id: t for t in scan_folder(tmp_path)}
@@ -104,16 +133,27 @@ def test_scan_folder_layout(tmp_path):
 
 
 def test_scan_folder_lists_every_layout_problem(tmp_path):
-    for rel in ["bob/visible/1/t/1.jpg", "3/uv/1/t/1.jpg", "3/visible/cam/t/1.jpg", "3/visible/1/t/notes.txt",
-                "3/visible/1/readme.md"]:
+    for rel in [
+        "bob/visible/1/t/1.jpg",
+        "3/uv/1/t/1.jpg",
+        "3/visible/cam/t/1.jpg",
+        "3/visible/1/t/notes.txt",
+        "3/visible/1/readme.md",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     (tmp_path / "3/visible/1/empty").mkdir()
     with pytest.raises(ManifestError) as caught:
         scan_folder(tmp_path)
     problems = "\n".join(caught.value.problems)
-    for text in ["bob: pid:", "uv: modality:", "cam: camid:", "notes.txt: frames: not an image",
-                 "readme.md: layout: expected a <tracklet> folder", "empty: frames: tracklet folder holds no images"]:
+    for text in [
+        "bob: pid:",
+        "uv: modality:",
+        "cam: camid:",
+        "notes.txt: frames: not an image",
+        "readme.md: layout: expected a <tracklet> folder",
+        "empty: frames: tracklet folder holds no images",
+    ]:
         assert text in problems
     assert len(caught.value.problems) == 7  # t/ with only notes.txt is also an empty tracklet
 
@@ -131,7 +171,11 @@ def test_manifest_dataset_splits_and_directions(tmp_path):
     ]
     write_manifest(tmp_path / "manifest.jsonl", tracklets)
     splits = load_manifest_dataset(tmp_path, filter_same_camera=True)
-    assert [(t.tracklet_id, t.pid) for t in splits.train] == [("tr-v", 1), ("tr-i", 1), ("tr-v2", 0)]
+    assert [(t.tracklet_id, t.pid) for t in splits.train] == [
+        ("tr-v", 1),
+        ("tr-i", 1),
+        ("tr-v2", 0),
+    ]
     assert splits.num_train_pids == 2 and splits.num_train_cams == 6 and splits.filter_same_camera
     assert [t.tracklet_id for t in splits.query["ir_to_vis"]] == ["q-i"]
     assert [t.tracklet_id for t in splits.gallery["ir_to_vis"]] == ["g-v"]
@@ -141,6 +185,8 @@ def test_manifest_dataset_splits_and_directions(tmp_path):
 
 
 def test_manifest_dataset_needs_pids_for_split_tracklets(tmp_path):
-    write_manifest(tmp_path / "m.jsonl", [_tracklet("q", Modality.VISIBLE, 0, ["a.jpg"], split="query")])
+    write_manifest(
+        tmp_path / "m.jsonl", [_tracklet("q", Modality.VISIBLE, 0, ["a.jpg"], split="query")]
+    )
     with pytest.raises(DatasetError, match=r"m.jsonl:1: pid: required for split 'query'"):
         load_manifest_dataset(tmp_path / "m.jsonl")

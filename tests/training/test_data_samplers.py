@@ -28,8 +28,10 @@ def bupt_like_splits() -> DatasetSplits:
         for cam in cams:
             for k in range(1 + (pid + cam) % 2):
                 pairs.append((len(train), len(train) + 1))
-                train += [Tracklet(f"{pid}-{cam}-{k}-v", ("f",), Modality.VISIBLE, cam, pid),
-                          Tracklet(f"{pid}-{cam}-{k}-i", ("f",), Modality.INFRARED, cam, pid)]
+                train += [
+                    Tracklet(f"{pid}-{cam}-{k}-v", ("f",), Modality.VISIBLE, cam, pid),
+                    Tracklet(f"{pid}-{cam}-{k}-i", ("f",), Modality.INFRARED, cam, pid),
+                ]
     return DatasetSplits("b", train, {}, {}, 11, 4, "uniform", False, train_pairs=pairs)
 
 
@@ -40,7 +42,7 @@ def test_cross_modality_batches_are_p_ids_by_k_aligned_tracklets():
     assert len(batches) == len(sampler) == 20
     for batch in batches:
         assert len(batch) == 12 and all(isinstance(k, TrainKey) for k in batch)
-        rgb, ir, _ = zip(*batch)
+        rgb, ir, _ = zip(*batch, strict=True)
         assert all(splits.train[r].modality == Modality.VISIBLE for r in rgb)
         assert all(splits.train[i].modality == Modality.INFRARED for i in ir)
         pids = [splits.train[r].pid for r in rgb]
@@ -67,11 +69,14 @@ def test_cross_modality_sampler_is_deterministic_and_changes_per_epoch():
 
 def test_ranks_get_disjoint_shares_whose_union_is_the_global_batch():
     splits = vcm_like_splits()
-    ranks = [CrossModalityIdentitySampler.from_splits(splits, 4, 2, 6, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        CrossModalityIdentitySampler.from_splits(splits, 4, 2, 6, seed=1, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     for sampler in ranks:
         sampler.set_epoch(4)
     whole = ranks[0].global_batches()
-    for b, (share0, share1) in enumerate(zip(*ranks)):
+    for b, (share0, share1) in enumerate(zip(*ranks, strict=True)):
         assert len(share0) == len(share1) == 4
         assert share0 + share1 == whole[b]
         pids0 = {splits.train[k.rgb].pid for k in share0}
@@ -91,7 +96,9 @@ def test_bupt_batches_are_p_ids_by_two_distinct_cameras():
     for batch in sampler:
         assert len(batch) == 8
         assert all((k.rgb, k.ir) in splits.train_pairs for k in batch)
-        for a, b in zip(batch[::2], batch[1::2]):  # id-major: the two pairs of one identity
+        for a, b in zip(
+            batch[::2], batch[1::2], strict=True
+        ):  # id-major: the two pairs of one identity
             ta, tb = splits.train[a.rgb], splits.train[b.rgb]
             assert ta.pid == tb.pid and ta.camid != tb.camid
         pids = [splits.train[k.rgb].pid for k in batch[::2]]
@@ -116,6 +123,9 @@ def test_bupt_sampler_determinism_and_ranks():
     assert list(a) == list(b)
     a.set_epoch(1)
     assert list(a) != list(b)
-    shares = [BUPTCameraPairSampler.from_splits(splits, 4, 10, seed=5, rank=r, world_size=2) for r in (0, 1)]
-    for s0, s1, whole in zip(shares[0], shares[1], b.global_batches()):
+    shares = [
+        BUPTCameraPairSampler.from_splits(splits, 4, 10, seed=5, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    for s0, s1, whole in zip(shares[0], shares[1], b.global_batches(), strict=True):
         assert s0 + s1 == whole and not {k.rgb for k in s0} & {k.rgb for k in s1}

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from model.sampling import dense, random_sorted, rrs_test, rrs_train, sample_test, sample_train, uniform
+from model.sampling import (
+    dense,
+    random_sorted,
+    rrs_test,
+    rrs_train,
+    sample_test,
+    sample_train,
+    uniform,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +36,9 @@ def test_rrs_test_table(n, t, expected):
 def test_rrs_test_matches_the_official_closed_form(t):
     for n in range(1, 200):
         k = math.ceil(n / t)
-        closed = list(range(n)) + [n - 1] * (t - n) if n < t else [min(k * s, n - 1) for s in range(t)]
+        closed = (
+            list(range(n)) + [n - 1] * (t - n) if n < t else [min(k * s, n - 1) for s in range(t)]
+        )
         assert rrs_test(n, t) == [closed], n
 
 

@@ -14,17 +14,23 @@ SMALL = {"ids": 4, "cameras": 3, "frames": (12, 13), "image_size": (64, 32)}
 
 
 def digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("fmt", ["hitsz-vcm", "bupt", "manifest"])
 def test_same_seed_gives_identical_files(tmp_path, fmt):
-    synthesize(tmp_path / "a", fmt, seed=3, **SMALL)
-    synthesize(tmp_path / "b", fmt, seed=3, **SMALL)
-    synthesize(tmp_path / "c", fmt, seed=4, **SMALL)
+    tiny = dict(SMALL, frames=(3, 4), cameras=2)
+    synthesize(tmp_path / "a", fmt, seed=3, **tiny)
+    synthesize(tmp_path / "b", fmt, seed=3, **tiny)
+    synthesize(tmp_path / "c", fmt, seed=4, **tiny)
     a, b, c = digest(tmp_path / "a"), digest(tmp_path / "b"), digest(tmp_path / "c")
-    if fmt == "manifest":  # frame paths inside the manifest are relative, so it is byte-identical too
+    if (
+        fmt == "manifest"
+    ):  # frame paths inside the manifest are relative, so it is byte-identical too
         assert a["manifest.jsonl"] == b["manifest.jsonl"]
     assert a == b
     assert a != c
@@ -99,17 +105,21 @@ def _rank1(feats, pids, cams, mods, query_mod, gallery_mod):
 
 
 def test_modality_gap_defeats_raw_pixel_matching(tmp_path):
-    """Grayscale raw-pixel nearest neighbour (other cameras only) on 12 test identities.
+    """Grayscale raw-pixel nearest neighbour (other cameras only) on 8 test identities.
 
-    Measured with seed 0: same-modality rank-1 0.40 (visible) and 0.35 (infrared) against
-    cross-modality 0.00 (IR->visible) and 0.17 (visible->IR); chance is 0.083.
+    Measured with seed 0: same-modality rank-1 0.47 (visible) and 0.30 (infrared) against
+    cross-modality 0.13 (IR->visible) and 0.09 (visible->IR); chance is 0.125. Over seeds 0-3 the
+    means are 0.57 / 0.44 same-modality against 0.07 / 0.07 cross-modality.
     """
-    synthesize(tmp_path, "hitsz-vcm", ids=24, seed=0, frames=(12, 12), image_size=(64, 32))
-    splits = load_dataset("hitsz-vcm", tmp_path)
+    synthesize(tmp_path, "manifest", ids=16, seed=0, frames=(4, 4), image_size=(64, 32))
+    splits = load_dataset("manifest", tmp_path)
     test = splits.query["ir_to_vis"] + splits.gallery["ir_to_vis"]
+    test += splits.query["vis_to_ir"] + splits.gallery["vis_to_ir"]
     feats = []
     for t in test:
-        images = [np.asarray(Image.open(f).convert("L").resize((16, 32)), np.float32) for f in t.frames]
+        images = [
+            np.asarray(Image.open(f).convert("L").resize((16, 32)), np.float32) for f in t.frames
+        ]
         v = np.mean(images, axis=0).ravel()
         feats.append((v - v.mean()) / np.linalg.norm(v - v.mean()))
     feats = np.stack(feats)

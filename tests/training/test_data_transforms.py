@@ -83,12 +83,14 @@ def test_vld_erasing_writes_the_constant_fill():
 def test_xreid_flip_is_shared_by_the_clip():
     clip = frames(5)
     plain = PlainTransform(SIZE)(clip, Modality.VISIBLE, np.random.default_rng(0))
-    flipped = XReIDTransform(SIZE, flip_p=1.0, erase_p=0.0)(clip, Modality.VISIBLE, np.random.default_rng(0))
+    flipped = XReIDTransform(SIZE, flip_p=1.0, erase_p=0.0)(
+        clip, Modality.VISIBLE, np.random.default_rng(0)
+    )
     assert torch.equal(flipped, plain.flip(-1))
     seen = set()
     for seed in range(20):
         out = XReIDTransform(SIZE, erase_p=0.0)(clip, Modality.VISIBLE, np.random.default_rng(seed))
-        per_frame = {bool(torch.equal(o, p.flip(-1))) for o, p in zip(out, plain)}
+        per_frame = {bool(torch.equal(o, p.flip(-1))) for o, p in zip(out, plain, strict=True)}
         assert len(per_frame) == 1  # never a mix of flipped and unflipped frames
         seen |= per_frame
     assert seen == {True, False}
@@ -97,7 +99,9 @@ def test_xreid_flip_is_shared_by_the_clip():
 def test_xreid_erasing_lands_at_the_sampled_corner():
     """The official eraser always pastes at (h, w); ours must start elsewhere too."""
     white = [Image.new("RGB", (16, 32), (255, 255, 255))] * 40
-    out = XReIDTransform(SIZE, flip_p=0.0, erase_p=1.0)(white, Modality.VISIBLE, np.random.default_rng(3))
+    out = XReIDTransform(SIZE, flip_p=0.0, erase_p=1.0)(
+        white, Modality.VISIBLE, np.random.default_rng(3)
+    )
     at_official_spot = 0
     for f in out:
         mask = (f != f[:, :1, :1]).any(dim=0)
@@ -127,7 +131,7 @@ def test_erase_box_fits_and_unknown_method_is_rejected():
     rng = np.random.default_rng(0)
     for _ in range(100):
         top, left, h, w = erase_box(rng, 32, 16, (0.02, 0.4))
-        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 16
+        assert top >= 0 and top + h <= 32 and left >= 0 and left + w <= 16
     assert erase_box(rng, 4, 4, (0.99, 1.0), min_aspect=0.99) is None
     with pytest.raises(ValueError, match="known: vld, xreid, none"):
         build_train_transform("caj", SIZE)

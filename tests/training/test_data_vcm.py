@@ -25,7 +25,12 @@ def write_vcm(root: Path, *, flat: bool = False, query_idx: str = QUERY_IDX) -> 
             for f in range(1, n + 1):
                 name = f"{pid:04d}M{m}D{cam}T{t}F{100 * t + f}.jpg"
                 names.append(name)
-                folder = root / ("" if flat else split.capitalize()) / f"{pid:04d}" / ("ir" if m == 1 else "rgb")
+                folder = (
+                    root
+                    / ("" if flat else split.capitalize())
+                    / f"{pid:04d}"
+                    / ("ir" if m == 1 else "rgb")
+                )
                 (folder / f"D{cam}").mkdir(parents=True, exist_ok=True)
                 (folder / f"D{cam}" / f"{100 * t + f}.jpg").write_bytes(b"")
             tracks.append(f"{m} {start} {len(names)} {pid:04d} {cam}")
@@ -37,20 +42,28 @@ def write_vcm(root: Path, *, flat: bool = False, query_idx: str = QUERY_IDX) -> 
 
 def test_split_layout_counts_relabel_and_protocol(tmp_path):
     splits = load_hitsz_vcm(write_vcm(tmp_path))
-    assert splits.name == "hitsz-vcm" and splits.test_sampling == "rrs_test" and splits.filter_same_camera
+    assert (
+        splits.name == "hitsz-vcm"
+        and splits.test_sampling == "rrs_test"
+        and splits.filter_same_camera
+    )
     # the 11-frame train tracklet is dropped; pids 2, 5 -> labels 0, 1 (ascending)
     assert [(t.modality, t.pid, t.camid, len(t)) for t in splits.train] == [
-        (Modality.VISIBLE, 1, 2, 12), (Modality.INFRARED, 1, 1, 13),
-        (Modality.INFRARED, 0, 0, 12), (Modality.VISIBLE, 0, 3, 12),
+        (Modality.VISIBLE, 1, 2, 12),
+        (Modality.INFRARED, 1, 1, 13),
+        (Modality.INFRARED, 0, 0, 12),
+        (Modality.VISIBLE, 0, 3, 12),
     ]
     assert splits.num_train_pids == 2 and splits.train_pairs is None
     query, gallery = splits.query["ir_to_vis"], splits.gallery["ir_to_vis"]
     # query_IDX order (rows 5 then 1), the 5-frame row 3 filtered after the split
     assert [(t.pid, t.camid, t.modality) for t in query] == [
-        (101, 1, Modality.INFRARED), (100, 0, Modality.INFRARED)
+        (101, 1, Modality.INFRARED),
+        (100, 0, Modality.INFRARED),
     ]
     assert [(t.pid, t.camid, t.modality) for t in gallery] == [
-        (100, 1, Modality.VISIBLE), (101, 0, Modality.VISIBLE)
+        (100, 1, Modality.VISIBLE),
+        (101, 0, Modality.VISIBLE),
     ]
     assert splits.query["vis_to_ir"] == gallery and splits.gallery["vis_to_ir"] == query
     assert splits.num_train_cams == 4  # camids 0..3 after camid - 1

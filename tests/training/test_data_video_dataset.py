@@ -1,6 +1,7 @@
 """Clip datasets: frame sampling per dataset rule, aligned pairs, bad-frame policy, test clips."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,9 @@ def test_rrs_train_samples_each_modality_independently(tracklets):
 
 
 def test_aligned_pairs_share_sorted_indices(tracklets):
-    data = TrainClipDataset(tracklets, probe, seq_len=6, sampling="random_sorted", aligned_pairs=True)
+    data = TrainClipDataset(
+        tracklets, probe, seq_len=6, sampling="random_sorted", aligned_pairs=True
+    )
     for draw in range(10):
         item = data[TrainKey(0, 1, draw)]
         assert torch.equal(item["rgb"], item["ir"])
@@ -80,7 +83,7 @@ def test_loader_with_sampler_and_real_transform(tracklets):
 
 def test_bad_frame_fail_names_the_file(tracklets):
     broken = tracklets[0].frames[4]
-    open(broken, "wb").write(b"not an image")
+    Path(broken).write_bytes(b"not an image")
     data = TrainClipDataset(tracklets, probe, seq_len=24, sampling="rrs_train")
     with pytest.raises(FrameError, match=broken):
         data[TrainKey(0, 1, 0)]
@@ -88,7 +91,7 @@ def test_bad_frame_fail_names_the_file(tracklets):
 
 def test_bad_frame_skip_substitutes_a_neighbour(tracklets, caplog):
     broken = tracklets[0].frames[4]
-    open(broken, "wb").write(b"not an image")
+    Path(broken).write_bytes(b"not an image")
     data = TrainClipDataset(tracklets, probe, seq_len=24, sampling="rrs_train", on_bad_frame="skip")
     with caplog.at_level(logging.WARNING):
         clip = data[TrainKey(0, 1, 0)]["rgb"].tolist()
@@ -112,7 +115,9 @@ def test_bad_frame_skip_raises_when_nothing_is_readable(tmp_path):
 
 def test_test_clips_match_the_shared_preprocessor(tracklets):
     for rule, clips_per_tracklet in (("rrs_test", [1, 1]), ("dense", [3, 2])):
-        pre = FramePreprocessor(PreprocessConfig(image_size=(32, 16), seq_len=10, test_sampling=rule))
+        pre = FramePreprocessor(
+            PreprocessConfig(image_size=(32, 16), seq_len=10, test_sampling=rule)
+        )
         data = TestClipDataset(tracklets[:2], pre)
         clips, index = data[0]
         assert index == 0 and torch.equal(clips, pre.clips(tracklets[0].frames))
@@ -122,8 +127,10 @@ def test_test_clips_match_the_shared_preprocessor(tracklets):
 
 
 def test_test_clips_skip_policy(tracklets):
-    open(tracklets[2].frames[0], "wb").write(b"")
-    pre = FramePreprocessor(PreprocessConfig(image_size=(32, 16), seq_len=6, test_sampling="uniform"))
+    Path(tracklets[2].frames[0]).write_bytes(b"")
+    pre = FramePreprocessor(
+        PreprocessConfig(image_size=(32, 16), seq_len=6, test_sampling="uniform")
+    )
     with pytest.raises(FrameError, match=tracklets[2].frames[0]):
         TestClipDataset(tracklets, pre)[2]
     data = TestClipDataset(tracklets, pre, on_bad_frame="skip")
