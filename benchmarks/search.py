@@ -211,9 +211,13 @@ def main() -> None:
     parser.add_argument("--encode-tracklets", type=int, default=64)
     parser.add_argument("--encode-frames", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: library default)")
     args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
     args.index_types = [t for t in args.index_types.split(",") if t]
     print(machine_info(), flush=True)
+    print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     rows: list[list[str]] = []
     blas_rows: list[list[str]] = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -233,6 +237,7 @@ def main() -> None:
         )
     if args.encode_model != "none":
         print(f"\nIndexing throughput: {bench_encode(args)}")
+    print(f"load average at end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

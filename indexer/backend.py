@@ -46,6 +46,9 @@ GPU_MAX_K = 2048  # largest k (and nprobe) FAISS GPU indexes accept
 GPU_SHARD_MIN = 1_000_000  # from this size, spread the index over all GPUs
 
 
+THREADS_ENV = "VVIREID_FAISS_THREADS"
+
+
 def configure_faiss(blas_threshold: int | None = None) -> int:
     """Set FAISS's global ``distance_compute_blas_threshold``; returns the value used.
 
@@ -53,6 +56,7 @@ def configure_faiss(blas_threshold: int | None = None) -> int:
     per query; 20 (the classic default) lets them use one BLAS matrix product, 6-7x faster for
     32-128 queries (reference 2.6 A, re-measured by ``benchmarks/search.py``). Override with the
     ``VVIREID_FAISS_BLAS_THRESHOLD`` environment variable or the argument.
+    ``VVIREID_FAISS_THREADS`` sets FAISS's OpenMP thread count.
     """
     if blas_threshold is None:
         raw = os.environ.get(BLAS_THRESHOLD_ENV, "")
@@ -61,6 +65,14 @@ def configure_faiss(blas_threshold: int | None = None) -> int:
         except ValueError:
             raise ValueError(f"{BLAS_THRESHOLD_ENV}={raw!r} is not an integer") from None
     faiss.cvar.distance_compute_blas_threshold = int(blas_threshold)
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads:
+        # Concurrent searches each spawn an OpenMP team; on a busy box fewer threads per search
+        # avoid oversubscription (reference 2.3).
+        try:
+            faiss.omp_set_num_threads(max(1, int(threads)))
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={threads!r} is not an integer") from None
     return int(blas_threshold)
 
 
@@ -151,6 +163,7 @@ class VectorIndex:
         self.exact_ids = np.zeros(0, dtype=np.int64)
         self.exact = np.zeros((0, dim), dtype=np.float32)
         self._gpu: Any = None
+        self._gpu_res: Any = None
         self._gpu_stale = True
         self._gpu_lock = threading.Lock()
         self.use_gpu = False

@@ -299,6 +299,8 @@ def encode_resumable(
         TooManyFailuresError: as soon as the failures (``prior_failures`` included) exceed the
             budget over all tracklets; chunks encoded so far stay saved for the next run.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
     repeated = sorted(t for t, n in Counter(t.tracklet_id for t in tracklets).items() if n > 1)
     if repeated:
         raise ValueError(f"tracklet id(s) listed more than once: {', '.join(repeated[:20])}")

@@ -489,24 +489,19 @@ class GalleryIndex:
         with self._lock.read():
             selection = self._selection(wanted, camids)
             scores, ids = self._vindex.search(queries, int(k), selection)
-            return [self._hits(row_scores, row_ids) for row_scores, row_ids in zip(scores, ids, strict=True)]
+            positions = np.searchsorted(self._ids, np.maximum(ids, 0))
+            return [
+                self._hits(row_scores.tolist(), row_positions[row_ids >= 0].tolist())
+                for row_scores, row_ids, row_positions in zip(scores, ids, positions, strict=True)
+            ]
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    def _hits(self, scores: list[float], positions: list[int]) -> list[Hit]:
+        """Hits of one query; ``positions`` index ``_items`` (valid results are a prefix)."""
         hits = []
-        for score, internal in zip(scores, ids, strict=True):
-            if internal < 0:
-                break
-            item = self._items[self._position(int(internal))]
-            hits.append(Hit(
-                rank=len(hits) + 1,
-                tracklet_id=item.tracklet_id,
-                score=float(score),
-                modality=item.modality,
-                camid=item.camid,
-                camera=item.camera,
-                pid=item.pid,
-                timestamp=item.timestamp,
-            ))
+        for rank, (score, position) in enumerate(zip(scores, positions, strict=False), start=1):
+            item = self._items[position]
+            hits.append(Hit(rank, item.tracklet_id, score, item.modality, item.camid, item.camera,
+                            item.pid, item.timestamp))
         return hits
 
     def _selection(self, modality: Modality | None, camids: Collection[int] | None) -> Selection | None:

@@ -93,15 +93,15 @@ class FramePreprocessor:
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
-        self._mean = np.asarray(config.mean, dtype=np.float32)
-        self._std = np.asarray(config.std, dtype=np.float32)
+        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
 
     def frame_tensor(self, image: Image.Image) -> torch.Tensor:
         """Resize (bilinear) to (H, W), scale to [0, 1], normalise. Returns float32 [3, H, W]."""
         height, width = self.config.image_size
         resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
-        array = (np.asarray(resized, dtype=np.float32) / 255.0 - self._mean) / self._std
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.float().div_(255.0).sub_(self._mean).div_(self._std)
 
     def clip_indices(self, num_frames: int) -> list[list[int]]:
         """The frame indices of each test clip under this checkpoint's sampling rule."""

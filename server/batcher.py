@@ -40,7 +40,9 @@ class MicroBatcher(Generic[Item, Result]):
     ``process(items)`` returns one result per item, in order; an entry that is an exception is
     raised to that item's caller only. If ``process`` itself raises, every item of the batch gets
     the exception (and the worker keeps running). ``on_batch(size, seconds)`` is called after
-    each batch (metrics).
+    each batch (metrics). ``expect_more()`` says whether items are on their way (requests still
+    decoding): when it says no and the queue is empty, the batch starts at once instead of
+    waiting ``max_wait_s`` for company that cannot come, so a lone request pays no batching delay.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MicroBatcher(Generic[Item, Result]):
         queue_size: int,
         name: str = "vvireid-batcher",
         on_batch: Callable[[int, float], None] | None = None,
+        expect_more: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError(
@@ -63,6 +66,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch
+        self._expect_more = expect_more
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -127,6 +131,8 @@ class MicroBatcher(Generic[Item, Result]):
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
+            if self._queue.empty() and self._expect_more is not None and not self._expect_more():
+                break
             remaining = deadline - time.monotonic()
             try:
                 if remaining > 0:

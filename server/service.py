@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +257,7 @@ class QueryEngine:
         queue_size: int = 64,
         request_timeout_s: float = 60.0,
         thumbnail_height: int = 128,
-        on_batch: Any = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.model = model
         self.encoder = encoder
@@ -268,13 +268,15 @@ class QueryEngine:
         self.thumbnail_height = thumbnail_height
         self.version = 0
         self._lock = ReadWriteLock()
-        self._on_batch = on_batch
+        self._preparing = 0  # requests decoding right now: they will want the next batch
+        self._preparing_lock = threading.Lock()
         self._batcher: MicroBatcher[_Job, _Outcome] = MicroBatcher(
             self._process,
             max_batch=max_batch,
             max_wait_s=max_wait_ms / 1000.0,
             queue_size=queue_size,
             on_batch=on_batch,
+            expect_more=lambda: self._preparing > 0,
         )
 
     # ----------------------------------------------------------------- life cycle
@@ -296,7 +298,10 @@ class QueryEngine:
         started = time.perf_counter()
         model = load_checkpoint(checkpoint)
         encoder = TrackletEncoder(model, device=device, batch_size=options.get("max_batch", 16))
-        index = GalleryIndex.open(index_dir, expected_fingerprint=model.fingerprint, device=device)
+        index = GalleryIndex.open(
+            index_dir, expected_fingerprint=model.fingerprint, expected_dim=encoder.dim,
+            device=device,
+        )
         engine = cls(model, encoder, index, **options)
         engine.warm_up()
         engine.start()
@@ -426,9 +431,11 @@ class QueryEngine:
         """Rank gallery tracklets for one query tracklet."""
         started = time.perf_counter()
         self.check_camid(spec.camid)
-        clips, _ = self.prepare(frames)
-        decode_s = time.perf_counter() - started
-        outcome = self._wait(self._submit(_Job(clips, spec.camid, spec)))
+        with self._preparing_request():
+            clips, _ = self.prepare(frames)
+            decode_s = time.perf_counter() - started
+            future = self._submit(_Job(clips, spec.camid, spec))
+        outcome = self._wait(future)
         timings = {
             "decode": decode_s * 1000.0,
             "queue": outcome.queue_s * 1000.0,
@@ -458,8 +465,10 @@ class QueryEngine:
         """Encode a tracklet, add it to the gallery and save the index before returning."""
         tracklet_id = self._check_new_id(tracklet_id)
         self.check_camid(camid)
-        clips, middle = self.prepare(frames)
-        outcome = self._wait(self._submit(_Job(clips, camid, None)))
+        with self._preparing_request():
+            clips, middle = self.prepare(frames)
+            future = self._submit(_Job(clips, camid, None))
+        outcome = self._wait(future)
         item = GalleryItem(
             tracklet_id=tracklet_id, modality=modality, camid=camid, camera=camera, pid=pid,
             timestamp=timestamp,
@@ -519,6 +528,17 @@ class QueryEngine:
                 part="tracklet_id",
             )
         return tracklet_id
+
+    @contextmanager
+    def _preparing_request(self) -> Iterator[None]:
+        """Count a request as "on its way to the batcher" while it decodes."""
+        with self._preparing_lock:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
 
     def _submit(self, job: _Job) -> concurrent.futures.Future:
         try:

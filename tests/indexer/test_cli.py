@@ -55,6 +55,11 @@ def test_build_info_and_search(tmp_path, capsys, make_gallery, checkpoint):
     code, result, _ = run(capsys, *search, "--camera-filter", "1", "2", "--top-k", "10")
     assert code == 0 and {h["camid"] for h in result["hits"]} <= {1, 2} and len(result["hits"]) == 4
 
+    code, _, err = build(capsys, manifest, ckpt, out)
+    assert code == 2 and "already holds an index" in err
+    code, summary, _ = build(capsys, manifest, ckpt, out, "--overwrite", "--index-type", "ivf")
+    assert code == 0 and summary["index_type"] == "flat" and "needs at least" in summary["warnings"][0]
+
 
 def test_bad_tracklets_are_counted_against_the_budget(tmp_path, capsys, make_gallery, checkpoint):
     manifest, ckpt, out = make_gallery(20), checkpoint(), tmp_path / "index"

@@ -81,6 +81,20 @@ def test_batcher_queue_is_bounded_and_close_fails_pending():
         batcher.submit(4)
 
 
+@pytest.mark.parametrize("expecting", [False, True])
+def test_batcher_waits_only_when_more_items_are_on_their_way(expecting):
+    batcher = MicroBatcher(lambda items: items, max_batch=8, max_wait_s=0.5, queue_size=8,
+                           expect_more=lambda: expecting).start()
+    started = time.perf_counter()
+    assert batcher.submit(1).result(5) == 1
+    elapsed = time.perf_counter() - started
+    batcher.close()
+    if expecting:
+        assert elapsed >= 0.45  # held the batch open for company
+    else:
+        assert elapsed < 0.4  # nobody else decoding: no batching delay
+
+
 def batch_size_counts(metrics_text: str) -> tuple[int, int]:
     """(batches of size 1, all batches) from the batch-size histogram."""
     ones = re.search(r'^vvireid_batch_size_bucket\{le="1"\} (\d+)$', metrics_text, re.M)
