@@ -231,7 +231,7 @@ def index_info(request: Request, engine: EngineDep) -> schemas.IndexInfo:
 
 
 @router.get(
-    "/v1/tracklets/{tracklet_id}/thumbnail",
+    "/v1/tracklets/{tracklet_id:path}/thumbnail",
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorResponse}},
     summary="JPEG thumbnail of a gallery tracklet (looked up by id in the index)",
@@ -280,7 +280,7 @@ def gallery_add(
 
 
 @router.delete(
-    "/v1/gallery/{tracklet_id}", response_model=schemas.GalleryDeleteResponse,
+    "/v1/gallery/{tracklet_id:path}", response_model=schemas.GalleryDeleteResponse,
     responses={**_WRITE_ERRORS, 404: {"model": schemas.ErrorResponse}},
     dependencies=[Depends(require_api_key)],
     summary="Remove a tracklet from the gallery (needs X-API-Key); saved before the answer",
