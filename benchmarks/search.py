@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/search.py                       # 100k x 1536, flat/ivf/ivfpq, tiny encoder
-    python benchmarks/search.py --sizes 100000,1000000 --dim 1536
+    python benchmarks/search.py                       # 100k x 1536, flat + ivf, tiny encoder
+    python benchmarks/search.py --index-types flat,ivf,ivfpq --sizes 100000,1000000
     python benchmarks/search.py --index-types flat --encode-model full   # ViT-B/16 288x144 encoder
 
 What it measures, through the product classes (``GalleryIndex``, ``TrackletEncoder``):
@@ -20,7 +20,9 @@ What it measures, through the product classes (``GalleryIndex``, ``TrackletEncod
   tracklets, with the tiny test model (``--encode-model tiny``, 64x32, T=4) or a randomly
   initialised ViT-B/16 at 288x144, T=6 (``full``; same compute as a trained one).
 
-The vectors are random: the figures are costs, not retrieval quality on real features.
+The vectors are random: the figures are costs, not retrieval quality on real features. On a shared
+machine, OpenMP teams of 2 threads lose badly to other processes (spin-waiting); compare with
+``--threads 1``. 1M x 1536 needs about 13 GB of RAM for the flat index.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def machine_info() -> str:
     )
 
 
-def clustered(n: int, dim: int, views: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` L2-normalised vectors, ``views`` noisy views per identity; returns (vectors, centres)."""
+def clustered(
+    n: int, dim: int, views: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors, ``views`` noisy views per identity; returns (vectors, centres)."""
     centres = rng.standard_normal((max(1, n // views), dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     out = np.empty((n, dim), dtype=np.float32)
@@ -93,16 +97,25 @@ def median_ms(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def latency(index: GalleryIndex, queries: np.ndarray, args: argparse.Namespace,
-            modality: Modality | None) -> str:
+def latency(
+    index: GalleryIndex, queries: np.ndarray, args: argparse.Namespace, modality: Modality | None
+) -> str:
     """Median ms of one ``GalleryIndex.search`` call (what the server pays per micro-batch)."""
-    return f"{median_ms(lambda: index.search(queries, args.k, modality=modality), args.repeats):.1f}"
+    return (
+        f"{median_ms(lambda: index.search(queries, args.k, modality=modality), args.repeats):.1f}"
+    )
 
 
 def build(kind: str, vectors: np.ndarray, folder: Path) -> tuple[GalleryIndex, float]:
     items = [GalleryItem(f"g{i}", Modality(i % 2), i % 6) for i in range(len(vectors))]
-    index = GalleryIndex.create(folder / kind, dim=vectors.shape[1], model_fingerprint="bench",
-                                similarity="cosine", index_type=kind, device="cpu")
+    index = GalleryIndex.create(
+        folder / kind,
+        dim=vectors.shape[1],
+        model_fingerprint="bench",
+        similarity="cosine",
+        index_type=kind,
+        device="cpu",
+    )
     start = time.perf_counter()
     index.add(items, vectors)
     return index, time.perf_counter() - start
@@ -112,11 +125,15 @@ def top_ids(index: GalleryIndex, queries: np.ndarray, k: int) -> list[set[str]]:
     return [{h.tracklet_id for h in row} for row in index.search(queries, k)]
 
 
-def bench_size(n: int, args: argparse.Namespace, rows: list[list[str]], blas_rows: list[list[str]]) -> None:
+def bench_size(
+    n: int, args: argparse.Namespace, rows: list[list[str]], blas_rows: list[list[str]]
+) -> None:
     rng = np.random.default_rng(n)
     start = time.perf_counter()
     vectors, centres = clustered(n, args.dim, args.views, rng)
-    print(f"# {n:,} x {args.dim} vectors generated in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"# {n:,} x {args.dim} vectors generated in {time.perf_counter() - start:.1f} s", flush=True
+    )
     queries = queries_for(centres, args.queries, rng)
     truth: list[set[str]] | None = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,14 +150,18 @@ def bench_size(n: int, args: argparse.Namespace, rows: list[list[str]], blas_row
                 blas_rows += blas_comparison(index, queries, n, args)
             elif truth is not None:
                 recall = np.mean([len(a & b) / 10 for a, b in zip(truth, found, strict=True)])
-                cells.append(f"{recall:.3f} (nprobe {index.nprobe}/{index.stats()['index_params']['nlist']})")
+                cells.append(
+                    f"{recall:.3f} (nprobe {index.nprobe}/{index.stats()['index_params']['nlist']})"
+                )
             else:
                 cells.append("(no flat run)")
             rows.append(cells)
             print("  ".join(cells), flush=True)
 
 
-def blas_comparison(index: GalleryIndex, queries: np.ndarray, n: int, args: argparse.Namespace) -> list[list[str]]:
+def blas_comparison(
+    index: GalleryIndex, queries: np.ndarray, n: int, args: argparse.Namespace
+) -> list[list[str]]:
     out = []
     for nq in (16, args.queries):
         cells = [f"{n:,}", str(nq)]
@@ -178,16 +199,21 @@ def bench_encode(args: argparse.Namespace) -> str:
             frames = []
             for f in range(args.encode_frames):
                 path = Path(tmp) / f"{t}-{f}.jpg"
-                Image.fromarray(rng.integers(0, 255, (256, 128, 3), dtype=np.uint8)).save(path, quality=90)
+                Image.fromarray(rng.integers(0, 255, (256, 128, 3), dtype=np.uint8)).save(
+                    path, quality=90
+                )
                 frames.append(str(path))
             tracklets.append(Tracklet(f"t{t}", tuple(frames), Modality(t % 2), t % 4))
         list(encoder.encode_tracklets(tracklets[: args.batch_size]))  # warm-up
         start = time.perf_counter()
         encoded = sum(len(c.tracklets) for c in encoder.encode_tracklets(tracklets))
         seconds = time.perf_counter() - start
-    return (f"{encoded / seconds:.1f} tracklets/s ({encoded} tracklets of {args.encode_frames} 256x128 JPEG "
-            f"frames, {label}, device {encoder.device}, {torch.get_num_threads()} torch threads, "
-            f"batch {args.batch_size}, thumbnails on)")
+    return (
+        f"{encoded / seconds:.1f} tracklets/s ({encoded} tracklets of {args.encode_frames} "
+        f"256x128 JPEG "
+        f"frames, {label}, device {encoder.device}, {torch.get_num_threads()} torch threads, "
+        f"batch {args.batch_size}, thumbnails on)"
+    )
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -202,7 +228,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--sizes", default="100000", help="comma-separated gallery sizes")
-    parser.add_argument("--index-types", default="flat,ivf,ivfpq")
+    parser.add_argument(
+        "--index-types",
+        default="flat,ivf",
+        help="comma-separated; ivfpq adds ~6 min of training at 100k on 2 cores",
+    )
     parser.add_argument("--queries", type=int, default=64, help="batch size of the batched search")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--views", type=int, default=50, help="vectors per synthetic identity")
@@ -211,7 +241,9 @@ def main() -> None:
     parser.add_argument("--encode-tracklets", type=int, default=64)
     parser.add_argument("--encode-frames", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: library default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="FAISS OpenMP threads (0: library default)"
+    )
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -224,15 +256,30 @@ def main() -> None:
         bench_size(size, args, rows, blas_rows)
     nq = args.queries
     print_table(
-        f"Search latency, k={args.k}, median ms (cross-modal = gallery modality filter), dim {args.dim}",
-        ["gallery", "index", "build s", "1q", "1q cross", f"{nq}q", f"{nq}q cross", "10-recall@10 vs flat"],
+        f"Search latency, k={args.k}, median ms (cross = gallery modality filter), dim {args.dim}",
+        [
+            "gallery",
+            "index",
+            "build s",
+            "1q",
+            "1q cross",
+            f"{nq}q",
+            f"{nq}q cross",
+            "10-recall@10 vs flat",
+        ],
         rows,
     )
     if blas_rows:
         print_table(
             f"Flat search vs distance_compute_blas_threshold, k={args.k}, median ms",
-            ["gallery", "queries", "thr 128000", "thr 128000 cross", f"thr {DEFAULT_BLAS_THRESHOLD}",
-             f"thr {DEFAULT_BLAS_THRESHOLD} cross"],
+            [
+                "gallery",
+                "queries",
+                "thr 128000",
+                "thr 128000 cross",
+                f"thr {DEFAULT_BLAS_THRESHOLD}",
+                f"thr {DEFAULT_BLAS_THRESHOLD} cross",
+            ],
             blas_rows,
         )
     if args.encode_model != "none":

@@ -10,15 +10,17 @@ Index types (``shared/reference/ecosystem.md`` 2.4):
   right for galleries up to a few million tracklets.
 * ``ivf``: ``IVF{nlist},Flat``. Approximate (visits ``nprobe`` of ``nlist`` clusters) but the scores
   it returns are exact. Needs training data: at least ``39 * 16`` vectors.
-* ``ivfpq``: ``IVF{nlist},PQ{m}x8`` (about ``m`` bytes per vector) plus a re-ranking of a shortlist of
-  ``rerank * k`` candidates with the stored float vectors, because PQ alone scrambles the order of
-  near-duplicates (reference 2.6: 10-recall@10 0.39 without, 0.998 with a 10x flat re-rank).
+* ``ivfpq``: ``IVF{nlist},PQ{m}x8`` (about ``m`` bytes per vector) plus a re-ranking of a
+  shortlist of ``rerank * k`` candidates with the stored float vectors, because PQ alone
+  scrambles the order of near-duplicates (reference 2.6: 10-recall@10 0.39 without, 0.998 with
+  a 10x flat re-rank).
 
 Filters (gallery modality, cameras) are a bitmap over internal ids. On CPU they go into FAISS as an
 ``IDSelectorBitmap`` so a flat search returns exactly ``min(k, matching)`` hits; IVF widens
-``nprobe`` until it has them. GPU indexes take no selectors, so the GPU path over-fetches and
-filters, growing the fetch until every query has its hits, and hands over to the CPU index past the
-GPU's largest k.
+``nprobe`` until it has them. Query batches on a flat index over-fetch without the selector
+instead (when at least 1/8 of the gallery matches), because a selector disables FAISS's BLAS path.
+GPU indexes take no selectors, so the GPU path over-fetches and filters, growing the fetch until
+every query has its hits, and hands over to the CPU index past the GPU's largest k.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ POINTS_PER_CENTROID = 39  # FAISS warns below 39 training points per centroid
 PQ_NBITS = 8
 GPU_MAX_K = 2048  # largest k (and nprobe) FAISS GPU indexes accept
 GPU_SHARD_MIN = 1_000_000  # from this size, spread the index over all GPUs
+OVERFETCH_MAX_RATIO = 8  # filtered batches over-fetch when >= 1/8 of the gallery matches
 
 
 THREADS_ENV = "VVIREID_FAISS_THREADS"
@@ -123,7 +126,7 @@ def _factory_string(index_type: str, params: IndexParams) -> str:
 
 
 class Selection:
-    """The gallery items a search may return, as a bitmap over internal ids plus a FAISS selector."""
+    """The gallery items a search may return: a bitmap over internal ids and a FAISS selector."""
 
     def __init__(self, ids: np.ndarray, id_bound: int) -> None:
         mask = np.zeros(max(id_bound, 1), dtype=bool)
@@ -158,7 +161,9 @@ class VectorIndex:
         if index is None:
             # Untrained IVF placeholder (so an empty index can be saved); train() replaces it.
             shape = params if index_type == "flat" else choose_params(index_type, 0, dim)
-            index = faiss.index_factory(dim, _factory_string(index_type, shape), faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(
+                dim, _factory_string(index_type, shape), faiss.METRIC_INNER_PRODUCT
+            )
         self.index = index
         self.exact_ids = np.zeros(0, dtype=np.int64)
         self.exact = np.zeros((0, dim), dtype=np.float32)
@@ -206,9 +211,11 @@ class VectorIndex:
             self.dim, _factory_string(self.index_type, self.params), faiss.METRIC_INNER_PRODUCT
         )
         if self.index_type == "ivfpq":
-            # Polysemous codes are never used here and their training costs minutes (48 s for 10k x 16).
+            # Polysemous codes are never used here; training them costs minutes (48 s, 10k x 16).
             self.index.do_polysemous_training = False
-        log.info("training %s (nlist %d) on %d vectors", self.index_type, self.params.nlist, len(vectors))
+        log.info(
+            "training %s (nlist %d) on %d vectors", self.index_type, self.params.nlist, len(vectors)
+        )
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         self._gpu_stale = True
 
@@ -216,7 +223,9 @@ class VectorIndex:
         """Add vectors under ``ids`` (each larger than every id already present)."""
         if not self.is_trained:
             self.train(vectors)
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+        self.index.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
+        )
         if self.keeps_exact:
             self.exact_ids = np.concatenate([self.exact_ids, ids.astype(np.int64)])
             self.exact = np.concatenate([np.asarray(self.exact), vectors.astype(np.float32)])
@@ -270,7 +279,9 @@ class VectorIndex:
                 self._gpu_res = faiss.StandardGpuResources()
                 self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
         except RuntimeError as exc:  # e.g. a PQ width the GPU kernels lack
-            log.warning("cannot copy the %s index to the GPU (%s); searching on CPU", self.index_type, exc)
+            log.warning(
+                "cannot copy the %s index to the GPU (%s); searching on CPU", self.index_type, exc
+            )
             self.use_gpu = False
         return self._gpu
 
@@ -287,7 +298,10 @@ class VectorIndex:
         matching = self.ntotal if selection is None else selection.count
         want = min(k, matching)
         if want == 0 or not len(queries):
-            return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
+            return (
+                np.full((len(queries), k), -np.inf, np.float32),
+                np.full((len(queries), k), -1, np.int64),
+            )
         fetch = min(matching, want * self.params.rerank) if self.keeps_exact else want
         scores, ids = None, None
         if self.use_gpu:
@@ -303,10 +317,14 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         sel = None if selection is None else selection.selector
         if self.index_type == "flat":
+            if sel is not None and self._overfetch_pays(len(queries), selection):
+                return self._search_flat_overfetch(queries, fetch, want, selection)
             params = None if sel is None else faiss.SearchParameters(sel=sel)
             return self.index.search(queries, fetch, params=params)
         nprobe = max(1, min(self.params.nprobe, self.params.nlist))
-        scores, ids = self.index.search(queries, fetch, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
+        scores, ids = self.index.search(
+            queries, fetch, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        )
         short = np.flatnonzero((ids >= 0).sum(1) < want)
         while len(short) and nprobe < self.params.nlist:
             # Too few matches in the probed clusters (a strict filter): look at more clusters.
@@ -314,6 +332,32 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
             scores[short], ids[short] = self.index.search(queries[short], fetch, params=params)
             short = short[(ids[short] >= 0).sum(1) < want]
+        return scores, ids
+
+    def _overfetch_pays(self, num_queries: int, selection: Selection) -> bool:
+        """Whether a batch should skip the selector to get FAISS's BLAS path (see below)."""
+        blas = num_queries >= faiss.cvar.distance_compute_blas_threshold
+        return blas and selection.count * OVERFETCH_MAX_RATIO >= self.ntotal
+
+    def _search_flat_overfetch(
+        self, queries: np.ndarray, fetch: int, want: int, selection: Selection
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact filtered flat search for query batches via an unfiltered BLAS search.
+
+        FAISS scans query by query whenever a selector is given (no BLAS), which makes the
+        default cross-modal filter (half of the gallery) several times slower for batches.
+        Searching unfiltered for enough extra candidates and dropping the others gives the same
+        top results; rows that got too few matches are redone with the selector.
+        """
+        total = self.ntotal
+        extra = min(total, math.ceil(fetch * total / selection.count * 1.25) + 16)
+        scores, ids = self.index.search(queries, extra)
+        scores, ids = _compact(scores, ids, selection.contains(ids))
+        scores, ids = scores[:, :fetch].copy(), ids[:, :fetch].copy()
+        short = np.flatnonzero((ids >= 0).sum(1) < want)
+        if len(short):
+            params = faiss.SearchParameters(sel=selection.selector)
+            scores[short], ids[short] = self.index.search(queries[short], fetch, params=params)
         return scores, ids
 
     def _search_gpu(
@@ -341,7 +385,9 @@ class VectorIndex:
                 fetch = min(total, fetch * 4)
         return None, None
 
-    def _rerank(self, queries: np.ndarray, ids: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rerank(
+        self, queries: np.ndarray, ids: np.ndarray, want: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of the PQ shortlist, best ``want`` kept."""
         valid = ids >= 0
         rows = np.searchsorted(self.exact_ids, np.where(valid, ids, 0))
@@ -354,10 +400,14 @@ class VectorIndex:
         return np.take_along_axis(scores, order, axis=1), ids
 
 
-def _compact(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _compact(
+    scores: np.ndarray, ids: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Move kept entries of each row to the front (order preserved), -1 after them."""
     order = np.argsort(~keep, axis=1, kind="stable")
-    ids = np.where(np.take_along_axis(keep, order, axis=1), np.take_along_axis(ids, order, axis=1), -1)
+    ids = np.where(
+        np.take_along_axis(keep, order, axis=1), np.take_along_axis(ids, order, axis=1), -1
+    )
     return np.take_along_axis(scores, order, axis=1), ids
 
 

@@ -78,9 +78,13 @@ class FailureBudget:
             else:
                 value = float(raw)
         except ValueError:
-            raise ValueError(f"--max-failures {raw!r}: use a count (5) or a fraction (0.01 or 1%)") from None
+            raise ValueError(
+                f"--max-failures {raw!r}: use a count (5) or a fraction (0.01 or 1%)"
+            ) from None
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"--max-failures {raw!r}: a fraction must be between 0 and 1 (0% and 100%)")
+            raise ValueError(
+                f"--max-failures {raw!r}: a fraction must be between 0 and 1 (0% and 100%)"
+            )
         return cls(fraction=value)
 
     def allowed(self, total: int) -> int:
@@ -123,7 +127,8 @@ def read_manifest_lenient(path: str | Path) -> tuple[list[Tracklet], list[Encode
             bad.append(EncodeFailure(_line_id(line) or where, where, "; ".join(reasons)))
             continue
         if tracklet.tracklet_id in first_line:
-            reason = f"tracklet_id: {tracklet.tracklet_id!r} duplicates line {first_line[tracklet.tracklet_id]}"
+            first = first_line[tracklet.tracklet_id]
+            reason = f"tracklet_id: {tracklet.tracklet_id!r} duplicates line {first}"
             bad.append(EncodeFailure(tracklet.tracklet_id, where, reason))
             continue
         first_line[tracklet.tracklet_id] = number
@@ -199,11 +204,22 @@ def _dataset_tracklets(root: Path, fmt: str, split: str) -> list[Tracklet]:
 def _input_key(encoder: TrackletEncoder, tracklets: Sequence[Tracklet], thumbnails: bool) -> str:
     """Identifies (inputs, model, preprocessing): saved chunks are only reused for the same key."""
     digest = hashlib.sha256()
-    header = {"model": encoder.fingerprint, "pre": encoder.preprocessor.config.to_dict(), "thumbs": thumbnails}
+    header = {
+        "model": encoder.fingerprint,
+        "pre": encoder.preprocessor.config.to_dict(),
+        "thumbs": thumbnails,
+    }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for t in tracklets:
-        record = [t.tracklet_id, list(t.frames), int(t.modality), t.camid, t.pid, t.timestamp,
-                  (t.extra or {}).get("camera")]
+        record = [
+            t.tracklet_id,
+            list(t.frames),
+            int(t.modality),
+            t.camid,
+            t.pid,
+            t.timestamp,
+            (t.extra or {}).get("camera"),
+        ]
         digest.update(json.dumps(record, default=str).encode())
     return digest.hexdigest()[:32]
 
@@ -244,12 +260,17 @@ class PartialEncodings:
             attempted.update(tried)
             offsets = np.cumsum([0] + [max(n, 0) for n in lengths]).tolist()
             for row, (pos, n) in enumerate(zip(positions, lengths, strict=True)):
-                thumb = blob[offsets[row]:offsets[row] + n] if n >= 0 else None
+                thumb = blob[offsets[row] : offsets[row] + n] if n >= 0 else None
                 done[pos] = (vectors[row], thumb)
         return attempted, done
 
-    def save(self, attempted: Sequence[int], positions: Sequence[int], vectors: np.ndarray,
-             thumbnails: Sequence[bytes | None]) -> None:
+    def save(
+        self,
+        attempted: Sequence[int],
+        positions: Sequence[int],
+        vectors: np.ndarray,
+        thumbnails: Sequence[bytes | None],
+    ) -> None:
         lengths = np.asarray([-1 if t is None else len(t) for t in thumbnails], dtype=np.int64)
         blob = np.frombuffer(b"".join(t or b"" for t in thumbnails), dtype=np.uint8)
         arrays = {
@@ -314,13 +335,20 @@ def encode_resumable(
     todo = [i for i in range(len(tracklets)) if i not in done]
     retry = [i for i in todo if i in attempted]
     if done:
-        log.info("resuming: %d tracklets already encoded, %d to go (%d retried)", len(done), len(todo), len(retry))
+        log.info(
+            "resuming: %d tracklets already encoded, %d to go (%d retried)",
+            len(done),
+            len(todo),
+            len(retry),
+        )
     if progress:
         progress(len(done))
     started = time.perf_counter()
-    chunks = encoder.encode_tracklets([tracklets[i] for i in todo], chunk_size=chunk_size, thumbnails=thumbnails)
+    chunks = encoder.encode_tracklets(
+        [tracklets[i] for i in todo], chunk_size=chunk_size, thumbnails=thumbnails
+    )
     for chunk in chunks:
-        positions = todo[chunk.start:chunk.start + chunk.size]
+        positions = todo[chunk.start : chunk.start + chunk.size]
         index_of = {tracklets[i].tracklet_id: i for i in positions}
         ok = [index_of[t.tracklet_id] for t in chunk.tracklets]
         partial.save(positions, ok, chunk.vectors, chunk.thumbnails)
@@ -334,7 +362,9 @@ def encode_resumable(
             raise TooManyFailuresError(failures, allowed, total)
     seconds = time.perf_counter() - started
     order = sorted(done)
-    vectors = np.stack([done[i][0] for i in order]) if order else np.zeros((0, encoder.dim), np.float32)
+    vectors = (
+        np.stack([done[i][0] for i in order]) if order else np.zeros((0, encoder.dim), np.float32)
+    )
     return EncodedSet(
         tracklets=[tracklets[i] for i in order],
         vectors=vectors.astype(np.float32),
@@ -362,8 +392,14 @@ def gallery_item(tracklet: Tracklet) -> GalleryItem:
     )
 
 
-def _summary(command: str, index: GalleryIndex, encoded: EncodedSet, allowed: int,
-             encoder: TrackletEncoder, warnings: list[str]) -> dict[str, Any]:
+def _summary(
+    command: str,
+    index: GalleryIndex,
+    encoded: EncodedSet,
+    allowed: int,
+    encoder: TrackletEncoder,
+    warnings: list[str],
+) -> dict[str, Any]:
     added = Counter(Modality.parse(t.modality).label for t in encoded.tracklets)
     return {
         "command": command,
@@ -375,7 +411,9 @@ def _summary(command: str, index: GalleryIndex, encoded: EncodedSet, allowed: in
         "resumed": encoded.resumed,
         "encoded": encoded.encoded,
         "seconds": round(encoded.seconds, 3),
-        "tracklets_per_s": round(encoded.encoded / encoded.seconds, 2) if encoded.seconds > 0 else None,
+        "tracklets_per_s": round(encoded.encoded / encoded.seconds, 2)
+        if encoded.seconds > 0
+        else None,
         "device": str(encoder.device),
         "failure_count": len(encoded.failures),
         "max_failures": allowed,
@@ -407,20 +445,35 @@ def build_index(
         TooManyFailuresError: failures beyond the budget; ``out`` is left as it was.
     """
     if not encoder.fingerprint:
-        raise ValueError("the model has no fingerprint: load it with model.checkpoint.load_checkpoint")
+        raise ValueError(
+            "the model has no fingerprint: load it with model.checkpoint.load_checkpoint"
+        )
     budget = budget or FailureBudget.parse(DEFAULT_MAX_FAILURES)
     out = Path(out)
 
     def create(kind: str) -> GalleryIndex:
         return GalleryIndex.create(
-            out, dim=encoder.dim, model_fingerprint=str(encoder.fingerprint),
-            similarity=encoder.similarity, index_type=kind,
-            model_config=encoder.model.config.to_dict(), overwrite=overwrite, device="cpu",
+            out,
+            dim=encoder.dim,
+            model_fingerprint=str(encoder.fingerprint),
+            similarity=encoder.similarity,
+            index_type=kind,
+            model_config=encoder.model.config.to_dict(),
+            overwrite=overwrite,
+            device="cpu",
         )
 
     create(index_type)  # fail fast on an existing index or bad parameters, before hours of encoding
-    encoded = encode_resumable(encoder, tracklets, out, budget=budget, prior_failures=prior_failures,
-                               chunk_size=chunk_size, thumbnails=thumbnails, progress=progress)
+    encoded = encode_resumable(
+        encoder,
+        tracklets,
+        out,
+        budget=budget,
+        prior_failures=prior_failures,
+        chunk_size=chunk_size,
+        thumbnails=thumbnails,
+        progress=progress,
+    )
     warnings = []
     if len(encoded.tracklets) < min_train_size(index_type):
         warnings.append(
@@ -430,12 +483,21 @@ def build_index(
         log.warning(warnings[-1])
         index_type = "flat"
     index = create(index_type)
-    index.add([gallery_item(t) for t in encoded.tracklets], encoded.vectors,
-              encoded.thumbnails if thumbnails else None)
+    index.add(
+        [gallery_item(t) for t in encoded.tracklets],
+        encoded.vectors,
+        encoded.thumbnails if thumbnails else None,
+    )
     index.save()
     PartialEncodings.clear(out)
-    return _summary("build", index, encoded, budget.allowed(len(tracklets) + len(prior_failures)),
-                    encoder, warnings)
+    return _summary(
+        "build",
+        index,
+        encoded,
+        budget.allowed(len(tracklets) + len(prior_failures)),
+        encoder,
+        warnings,
+    )
 
 
 def add_to_index(
@@ -457,17 +519,31 @@ def add_to_index(
         TooManyFailuresError: failures beyond the budget; the index is left as it was.
     """
     budget = budget or FailureBudget.parse(DEFAULT_MAX_FAILURES)
-    index = GalleryIndex.open(index_dir, expected_fingerprint=encoder.fingerprint,
-                              expected_dim=encoder.dim, device="cpu")
+    index = GalleryIndex.open(
+        index_dir, expected_fingerprint=encoder.fingerprint, expected_dim=encoder.dim, device="cpu"
+    )
     duplicates = [t.tracklet_id for t in tracklets if t.tracklet_id in index]
     fresh = [t for t in tracklets if t.tracklet_id not in index]
-    encoded = encode_resumable(encoder, fresh, index.path, budget=budget, prior_failures=prior_failures,
-                               chunk_size=chunk_size, thumbnails=thumbnails, progress=progress)
+    encoded = encode_resumable(
+        encoder,
+        fresh,
+        index.path,
+        budget=budget,
+        prior_failures=prior_failures,
+        chunk_size=chunk_size,
+        thumbnails=thumbnails,
+        progress=progress,
+    )
     if encoded.tracklets:
-        index.add([gallery_item(t) for t in encoded.tracklets], encoded.vectors,
-                  encoded.thumbnails if thumbnails else None)
+        index.add(
+            [gallery_item(t) for t in encoded.tracklets],
+            encoded.vectors,
+            encoded.thumbnails if thumbnails else None,
+        )
         index.save()
     PartialEncodings.clear(index.path)
-    summary = _summary("add", index, encoded, budget.allowed(len(fresh) + len(prior_failures)), encoder, [])
+    summary = _summary(
+        "add", index, encoded, budget.allowed(len(fresh) + len(prior_failures)), encoder, []
+    )
     summary["duplicates"] = duplicates
     return summary

@@ -46,42 +46,78 @@ def _emit(document: dict[str, Any]) -> None:
 def _progress(total: int, enabled: bool) -> Iterator[Any]:
     from tqdm import tqdm
 
-    with tqdm(total=total, file=sys.stderr, unit="tracklet", disable=not enabled, dynamic_ncols=True,
-              mininterval=0.5) as bar:
+    with tqdm(
+        total=total,
+        file=sys.stderr,
+        unit="tracklet",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    ) as bar:
         yield bar.update
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
-    parser.add_argument("--gallery", required=True,
-                        help="manifest JSONL, folder tree <pid>/<modality>/<camid>/<tracklet>/, or dataset root")
-    parser.add_argument("--format", default="manifest", choices=SOURCE_FORMATS, help="kind of --gallery")
-    parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="dataset split for hitsz-vcm/bupt; test = query + gallery of both directions")
-    parser.add_argument("--modality", default="all", choices=("visible", "infrared", "all"),
-                        help="index only one modality")
+    parser.add_argument(
+        "--gallery",
+        required=True,
+        help="manifest JSONL, folder tree <pid>/<modality>/<camid>/<tracklet>/, or dataset root",
+    )
+    parser.add_argument(
+        "--format", default="manifest", choices=SOURCE_FORMATS, help="kind of --gallery"
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=SPLITS,
+        help="dataset split for hitsz-vcm/bupt; test = query + gallery of both directions",
+    )
+    parser.add_argument(
+        "--modality",
+        default="all",
+        choices=("visible", "infrared", "all"),
+        help="index only one modality",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] for encoding")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
     parser.add_argument("--workers", type=int, default=None, help="frame-decoding threads")
-    parser.add_argument("--max-failures", default=DEFAULT_MAX_FAILURES,
-                        help="tolerated bad tracklets: a count (5) or a fraction (0.01, 1%%); default 1%%")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                        help="tracklets per resumable checkpoint chunk")
+    parser.add_argument(
+        "--max-failures",
+        default=DEFAULT_MAX_FAILURES,
+        help="tolerated bad tracklets: a count (5) or a fraction (0.01, 1%%); default 1%%",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="tracklets per resumable checkpoint chunk",
+    )
     parser.add_argument("--no-thumbnails", action="store_true", help="do not store JPEG thumbnails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Build, inspect, extend, prune and query vvireid gallery indexes."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details to stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="encode a gallery and write a new index")
     _source_args(build)
     build.add_argument("--out", required=True, help="index folder to create")
-    build.add_argument("--index-type", default="flat", choices=("flat", "ivf", "ivfpq"),
-                       help="flat: exact (default); ivf / ivfpq: approximate, for millions of tracklets")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    build.add_argument(
+        "--index-type",
+        default="flat",
+        choices=("flat", "ivf", "ivfpq"),
+        help="flat: exact (default); ivf / ivfpq: approximate, for millions of tracklets",
+    )
+    build.add_argument(
+        "--overwrite", action="store_true", help="replace an existing index in --out"
+    )
     build.set_defaults(func=_cmd_build)
 
     info = sub.add_parser("info", help="describe an index")
@@ -97,27 +133,57 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", help="remove tracklets from an index")
     remove.add_argument("index_dir")
     remove.add_argument("--tracklet-id", nargs="+", required=True, dest="tracklet_ids")
-    remove.add_argument("--ignore-missing", action="store_true",
-                        help="remove the ids that exist instead of refusing when some do not")
+    remove.add_argument(
+        "--ignore-missing",
+        action="store_true",
+        help="remove the ids that exist instead of refusing when some do not",
+    )
     remove.set_defaults(func=_cmd_remove)
 
     search = sub.add_parser("search", help="query an index with a tracklet's frames")
     search.add_argument("index_dir")
     search.add_argument("--checkpoint", required=True)
-    search.add_argument("--frames", nargs="+", required=True, help="frame files in order, or one folder")
-    search.add_argument("--modality", required=True, help="modality of the query frames (visible|infrared)")
+    search.add_argument(
+        "--frames", nargs="+", required=True, help="frame files in order, or one folder"
+    )
+    search.add_argument(
+        "--modality", required=True, help="modality of the query frames (visible|infrared)"
+    )
     search.add_argument("--camid", type=int, default=None, help="camera index of the query")
     search.add_argument("--top-k", type=int, default=10)
     scope = search.add_mutually_exclusive_group()
-    scope.add_argument("--cross-modal", dest="scope", action="store_const", const="cross",
-                       help="search the other modality (default)")
-    scope.add_argument("--same-modal", dest="scope", action="store_const", const="same",
-                       help="search the query's own modality")
-    scope.add_argument("--any-modal", dest="scope", action="store_const", const="any",
-                       help="search both modalities")
-    search.add_argument("--camera-filter", nargs="+", type=int, default=None, metavar="CAMID",
-                        help="only return gallery tracklets of these cameras")
-    search.add_argument("--device", default="auto", help="auto, cpu or cuda for encoding and search")
+    scope.add_argument(
+        "--cross-modal",
+        dest="scope",
+        action="store_const",
+        const="cross",
+        help="search the other modality (default)",
+    )
+    scope.add_argument(
+        "--same-modal",
+        dest="scope",
+        action="store_const",
+        const="same",
+        help="search the query's own modality",
+    )
+    scope.add_argument(
+        "--any-modal",
+        dest="scope",
+        action="store_const",
+        const="any",
+        help="search both modalities",
+    )
+    search.add_argument(
+        "--camera-filter",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="CAMID",
+        help="only return gallery tracklets of these cameras",
+    )
+    search.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda for encoding and search"
+    )
     search.set_defaults(func=_cmd_search, scope="cross")
     return parser
 
@@ -127,13 +193,19 @@ def _encoder(args: argparse.Namespace) -> Any:
     from model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.checkpoint)
-    return TrackletEncoder(model, device=args.device, batch_size=args.batch_size,
-                           num_workers=getattr(args, "workers", None))
+    return TrackletEncoder(
+        model,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=getattr(args, "workers", None),
+    )
 
 
 def _load_source(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     modality = None if args.modality == "all" else Modality.parse(args.modality)
-    tracklets, failures = load_tracklets(args.gallery, args.format, split=args.split, modality=modality)
+    tracklets, failures = load_tracklets(
+        args.gallery, args.format, split=args.split, modality=modality
+    )
     if not tracklets and not failures:
         scope = "" if modality is None else f" of modality {modality.label}"
         raise ValueError(f"{args.gallery}: no tracklets{scope} to index")
@@ -146,9 +218,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     encoder = _encoder(args)
     with _progress(len(tracklets), not args.no_progress) as update:
         summary = build_index(
-            args.out, encoder, tracklets, index_type=args.index_type, overwrite=args.overwrite,
-            budget=budget, prior_failures=failures, chunk_size=args.chunk_size,
-            thumbnails=not args.no_thumbnails, progress=update,
+            args.out,
+            encoder,
+            tracklets,
+            index_type=args.index_type,
+            overwrite=args.overwrite,
+            budget=budget,
+            prior_failures=failures,
+            chunk_size=args.chunk_size,
+            thumbnails=not args.no_thumbnails,
+            progress=update,
         )
     _emit(summary)
     return 0
@@ -160,8 +239,14 @@ def _cmd_add(args: argparse.Namespace) -> int:
     encoder = _encoder(args)
     with _progress(len(tracklets), not args.no_progress) as update:
         summary = add_to_index(
-            args.index_dir, encoder, tracklets, budget=budget, prior_failures=failures,
-            chunk_size=args.chunk_size, thumbnails=not args.no_thumbnails, progress=update,
+            args.index_dir,
+            encoder,
+            tracklets,
+            budget=budget,
+            prior_failures=failures,
+            chunk_size=args.chunk_size,
+            thumbnails=not args.no_thumbnails,
+            progress=update,
         )
     _emit(summary)
     return 0
@@ -182,12 +267,16 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         wanted = list(dict.fromkeys(args.tracklet_ids))
         missing = [t for t in wanted if t not in index]
         if missing and not args.ignore_missing:
-            raise KeyError(f"{args.index_dir}: not in the index: {', '.join(missing)} "
-                           f"(nothing removed; --ignore-missing removes the others)")
+            raise KeyError(
+                f"{args.index_dir}: not in the index: {', '.join(missing)} "
+                f"(nothing removed; --ignore-missing removes the others)"
+            )
         removed = index.remove([t for t in wanted if t in index])
         if removed:
             index.save()
-        _emit({"index": str(index.path), "removed": removed, "missing": missing, "count": len(index)})
+        _emit(
+            {"index": str(index.path), "removed": removed, "missing": missing, "count": len(index)}
+        )
     return 0
 
 
@@ -210,22 +299,33 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     query_modality = Modality.parse(args.modality)
-    gallery_modality = {"cross": query_modality.other, "same": query_modality, "any": None}[args.scope]
+    gallery_modality = {"cross": query_modality.other, "same": query_modality, "any": None}[
+        args.scope
+    ]
     frames = _expand_frames(args.frames)
     model = load_checkpoint(args.checkpoint)
     encoder = TrackletEncoder(model, device=args.device)
-    index_device = "auto" if args.device == "auto" else ("cpu" if args.device == "cpu" else "cuda")
-    with GalleryIndex.open(args.index_dir, expected_fingerprint=model.fingerprint,
-                           expected_dim=encoder.dim, device=index_device) as index:
+    # A GPU for the model does not imply FAISS GPU support: search falls back to the CPU then.
+    index_device = "cpu" if args.device == "cpu" else "auto"
+    with GalleryIndex.open(
+        args.index_dir,
+        expected_fingerprint=model.fingerprint,
+        expected_dim=encoder.dim,
+        device=index_device,
+    ) as index:
         vector = encoder.encode_frames(frames, camid=args.camid)
-        hits = index.search(vector[None, :], args.top_k, modality=gallery_modality, camids=args.camera_filter)[0]
-    _emit({
-        "query": {"frames": len(frames), "modality": query_modality.label, "camid": args.camid},
-        "gallery_modality": None if gallery_modality is None else gallery_modality.label,
-        "camera_filter": args.camera_filter,
-        "k": args.top_k,
-        "hits": [hit.to_dict() for hit in hits],
-    })
+        hits = index.search(
+            vector[None, :], args.top_k, modality=gallery_modality, camids=args.camera_filter
+        )[0]
+    _emit(
+        {
+            "query": {"frames": len(frames), "modality": query_modality.label, "camid": args.camid},
+            "gallery_modality": None if gallery_modality is None else gallery_modality.label,
+            "camera_filter": args.camera_filter,
+            "k": args.top_k,
+            "hits": [hit.to_dict() for hit in hits],
+        }
+    )
     return 0
 
 
@@ -244,13 +344,23 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the error
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except TooManyFailuresError as exc:
-        _emit({"error": str(exc), "failure_count": len(exc.failures), "max_failures": exc.allowed,
-               "total": exc.total, "failures": [f.to_dict() for f in exc.failures]})
+        _emit(
+            {
+                "error": str(exc),
+                "failure_count": len(exc.failures),
+                "max_failures": exc.allowed,
+                "total": exc.total,
+                "failures": [f.to_dict() for f in exc.failures],
+            }
+        )
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1
     except _user_errors() as exc:

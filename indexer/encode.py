@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_HEIGHT = 128
 THUMBNAIL_QUALITY = 85
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class TrackletEncoder:
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``.
         batch_size: clips per model call.
         dtype: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
-        num_workers: decoding threads for :meth:`encode_tracklets` (default: up to 4 per core count).
+        num_workers: decoding threads for :meth:`encode_tracklets` (default: min(4, cores)).
     """
 
     def __init__(
@@ -135,7 +141,9 @@ class TrackletEncoder:
 
     # ---- one request at a time (server) -------------------------------------------------------
 
-    def prepare(self, frames: Sequence[FrameSource], names: Sequence[str] | None = None) -> torch.Tensor:
+    def prepare(
+        self, frames: Sequence[FrameSource], names: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """Decode and sample a tracklet's frames with the checkpoint's test-time rule.
 
         Shape: -> clips [C, T, 3, H, W] (C = 1 except for the ``dense`` rule).
@@ -194,10 +202,10 @@ class TrackletEncoder:
         """Model calls over ``clips`` in chunks of ``batch_size``; returns fp32 CPU feats [B, D]."""
         out = []
         for start in range(0, len(clips), self.batch_size):
-            batch = clips[start:start + self.batch_size].to(self.device, non_blocking=True)
+            batch = clips[start : start + self.batch_size].to(self.device, non_blocking=True)
             cam = None
             if camids is not None:
-                cam = torch.tensor(camids[start:start + self.batch_size], device=self.device)
+                cam = torch.tensor(camids[start : start + self.batch_size], device=self.device)
             with self._autocast():
                 out.append(self.model.encode(batch, cam).float().cpu())
         return torch.cat(out)
@@ -229,14 +237,16 @@ class TrackletEncoder:
         """
         tracklets = list(tracklets)
         chunk_size = chunk_size or self.batch_size * 4
-        slices = [tracklets[i:i + chunk_size] for i in range(0, len(tracklets), chunk_size)]
+        slices = [tracklets[i : i + chunk_size] for i in range(0, len(tracklets), chunk_size)]
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="vvireid-decode")
         pending: list[Future[Any]] = []
         try:
             pending = self._submit(pool, slices[0], thumbnails) if slices else []
             for n, chunk in enumerate(slices):
                 current = pending
-                pending = self._submit(pool, slices[n + 1], thumbnails) if n + 1 < len(slices) else []
+                pending = (
+                    self._submit(pool, slices[n + 1], thumbnails) if n + 1 < len(slices) else []
+                )
                 loaded = [f.result() for f in current]
                 yield self._encode_loaded(loaded, start + n * chunk_size, len(chunk))
         finally:
@@ -244,7 +254,9 @@ class TrackletEncoder:
                 future.cancel()
             pool.shutdown(wait=True)
 
-    def _submit(self, pool: ThreadPoolExecutor, chunk: list[Tracklet], thumbnails: bool) -> list[Future[Any]]:
+    def _submit(
+        self, pool: ThreadPoolExecutor, chunk: list[Tracklet], thumbnails: bool
+    ) -> list[Future[Any]]:
         return [pool.submit(self._load, t, thumbnails) for t in chunk]
 
     def _load(self, tracklet: Tracklet, thumbnails: bool) -> _Prepared | EncodeFailure:
@@ -256,7 +268,9 @@ class TrackletEncoder:
             return EncodeFailure(tracklet.tracklet_id, where, str(exc))
         camid = tracklet.camid
         if isinstance(camid, bool) or not isinstance(camid, (int, np.integer)) or camid < 0:
-            return EncodeFailure(tracklet.tracklet_id, where, f"camid must be an integer >= 0, got {camid!r}")
+            return EncodeFailure(
+                tracklet.tracklet_id, where, f"camid must be an integer >= 0, got {camid!r}"
+            )
         if len(tracklet.frames) == 0:
             return EncodeFailure(tracklet.tracklet_id, where, "tracklet has no frames")
         try:
@@ -268,11 +282,15 @@ class TrackletEncoder:
             return EncodeFailure(tracklet.tracklet_id, exc.where, exc.reason)
         return _Prepared(tracklet, clips, thumb)
 
-    def _encode_loaded(self, loaded: list[_Prepared | EncodeFailure], start: int, size: int) -> EncodedChunk:
+    def _encode_loaded(
+        self, loaded: list[_Prepared | EncodeFailure], start: int, size: int
+    ) -> EncodedChunk:
         failures = [x for x in loaded if isinstance(x, EncodeFailure)]
         ready = [x for x in loaded if isinstance(x, _Prepared)]
         try:
-            vectors = self.encode_prepared([p.clips for p in ready], [int(p.tracklet.camid) for p in ready])
+            vectors = self.encode_prepared(
+                [p.clips for p in ready], [int(p.tracklet.camid) for p in ready]
+            )
         except (ValueError, IndexError, RuntimeError) as exc:
             # One bad item (e.g. a camid outside the model's camera table) must not sink the chunk.
             log.warning("batched encoding failed (%s); encoding the chunk item by item", exc)
@@ -296,6 +314,8 @@ class TrackletEncoder:
                 kept.append(item)
             except (ValueError, IndexError, RuntimeError) as exc:
                 where = str((item.tracklet.extra or {}).get("source") or item.tracklet.tracklet_id)
-                failures.append(EncodeFailure(item.tracklet.tracklet_id, where, f"model rejected it: {exc}"))
+                failures.append(
+                    EncodeFailure(item.tracklet.tracklet_id, where, f"model rejected it: {exc}")
+                )
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
         return kept, vectors, failures

@@ -168,7 +168,11 @@ def _check_item(item: GalleryItem) -> str | None:
         return f"tracklet_id must be a non-empty string, got {item.tracklet_id!r}"
     if not isinstance(item.modality, Modality):
         return f"{item.tracklet_id}: modality must be a Modality, got {item.modality!r}"
-    if isinstance(item.camid, bool) or not isinstance(item.camid, (int, np.integer)) or item.camid < 0:
+    if (
+        isinstance(item.camid, bool)
+        or not isinstance(item.camid, (int, np.integer))
+        or item.camid < 0
+    ):
         return f"{item.tracklet_id}: camid must be an integer >= 0, got {item.camid!r}"
     return None
 
@@ -306,9 +310,13 @@ class GalleryIndex:
                 _verify_file(path, entry)
         params = IndexParams.from_dict(header.get("index_params") or {})
         try:
-            vindex = VectorIndex.read(header["index_type"], int(header["dim"]), params, path / listed["index"]["name"])
+            vindex = VectorIndex.read(
+                header["index_type"], int(header["dim"]), params, path / listed["index"]["name"]
+            )
         except RuntimeError as exc:
-            raise IndexFormatError(f"{path / listed['index']['name']}: not a readable FAISS index ({exc})") from None
+            raise IndexFormatError(
+                f"{path / listed['index']['name']}: not a readable FAISS index ({exc})"
+            ) from None
         index = cls(path, header, vindex)
         index._read_items(path / listed["items"]["name"])
         index._segments = {e["name"]: e for e in listed.get("thumbnails", [])}
@@ -340,9 +348,13 @@ class GalleryIndex:
                     )
                     internal = int(record["id"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise IndexFormatError(f"{file}:{number}: malformed item record ({exc})") from None
+                    raise IndexFormatError(
+                        f"{file}:{number}: malformed item record ({exc})"
+                    ) from None
                 if ids and internal <= ids[-1]:
-                    raise IndexFormatError(f"{file}:{number}: ids must increase ({internal} after {ids[-1]})")
+                    raise IndexFormatError(
+                        f"{file}:{number}: ids must increase ({internal} after {ids[-1]})"
+                    )
                 ids.append(internal)
                 mods.append(int(item.modality))
                 cams.append(item.camid)
@@ -362,7 +374,9 @@ class GalleryIndex:
             return
         on_gpu = self._vindex.enable_gpu()
         if device.startswith("cuda") and not on_gpu:
-            raise ValueError(f"device {device!r} requested, but FAISS has no GPU support or sees no GPU")
+            raise ValueError(
+                f"device {device!r} requested, but FAISS has no GPU support or sees no GPU"
+            )
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -500,11 +514,23 @@ class GalleryIndex:
         hits = []
         for rank, (score, position) in enumerate(zip(scores, positions, strict=False), start=1):
             item = self._items[position]
-            hits.append(Hit(rank, item.tracklet_id, score, item.modality, item.camid, item.camera,
-                            item.pid, item.timestamp))
+            hits.append(
+                Hit(
+                    rank,
+                    item.tracklet_id,
+                    score,
+                    item.modality,
+                    item.camid,
+                    item.camera,
+                    item.pid,
+                    item.timestamp,
+                )
+            )
         return hits
 
-    def _selection(self, modality: Modality | None, camids: Collection[int] | None) -> Selection | None:
+    def _selection(
+        self, modality: Modality | None, camids: Collection[int] | None
+    ) -> Selection | None:
         """The cached bitmap for a filter (None = no filter); built under the read lock."""
         if modality is None and camids is None:
             return None
@@ -531,7 +557,8 @@ class GalleryIndex:
             raise ValueError(f"{what}: rows {bad[:10].tolist()} hold NaN or infinite values")
         if self.similarity == "cosine":
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
+            if not np.allclose(norms, 1.0, atol=1e-4):  # encoder output already is: skip the copy
+                vectors = vectors / np.maximum(norms, 1e-12)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     # ---- writing -------------------------------------------------------------------------
@@ -563,28 +590,39 @@ class GalleryIndex:
             self._add_locked(items, vectors, thumbnails)
 
     def _add_locked(
-        self, items: list[GalleryItem], vectors: np.ndarray, thumbnails: Sequence[bytes | None] | None
+        self,
+        items: list[GalleryItem],
+        vectors: np.ndarray,
+        thumbnails: Sequence[bytes | None] | None,
     ) -> None:
         counts = Counter(it.tracklet_id for it in items)
-        dupes = sorted({t for t, n in counts.items() if n > 1} | {t for t in counts if t in self._id_of})
+        dupes = sorted(
+            {t for t, n in counts.items() if n > 1} | {t for t in counts if t in self._id_of}
+        )
         if dupes:
             raise ValueError(f"tracklet id(s) already indexed or repeated: {', '.join(dupes[:20])}")
         ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
         self._vindex.add(ids, vectors)  # first, so a training failure changes nothing
         self._next_id += len(items)
         self._ids = np.concatenate([self._ids, ids])
-        self._modality = np.concatenate([self._modality, [int(it.modality) for it in items]]).astype(np.int8)
-        self._camid = np.concatenate([self._camid, [int(it.camid) for it in items]]).astype(np.int64)
+        self._modality = np.concatenate(
+            [self._modality, [int(it.modality) for it in items]]
+        ).astype(np.int8)
+        self._camid = np.concatenate([self._camid, [int(it.camid) for it in items]]).astype(
+            np.int64
+        )
         for internal, item in zip(ids.tolist(), items, strict=True):
-            self._items.append(GalleryItem(
-                tracklet_id=item.tracklet_id,
-                modality=item.modality,
-                camid=int(item.camid),
-                camera=item.camera,
-                pid=None if item.pid is None else int(item.pid),
-                timestamp=None if item.timestamp is None else float(item.timestamp),
-                frames=tuple(str(f) for f in item.frames),
-            ))
+            self._items.append(
+                GalleryItem(
+                    tracklet_id=item.tracklet_id,
+                    modality=item.modality,
+                    camid=int(item.camid),
+                    camera=item.camera,
+                    pid=None if item.pid is None else int(item.pid),
+                    timestamp=None if item.timestamp is None else float(item.timestamp),
+                    frames=tuple(str(f) for f in item.frames),
+                )
+            )
             self._id_of[item.tracklet_id] = internal
         for internal, thumb in zip(ids.tolist(), thumbnails or (), strict=False):
             if thumb:
@@ -603,15 +641,21 @@ class GalleryIndex:
         with self._lock.write():
             missing = [t for t in wanted if t not in self._id_of]
             if missing:
-                raise KeyError(f"not in the index: {', '.join(map(str, missing[:20]))}"
-                               + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
+                raise KeyError(
+                    f"not in the index: {', '.join(map(str, missing[:20]))}"
+                    + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+                )
             if not wanted:
                 return 0
             gone = np.asarray(sorted(self._id_of.pop(t) for t in wanted), dtype=np.int64)
             self._vindex.remove(gone)
             keep = ~np.isin(self._ids, gone)
             self._items = [it for it, k in zip(self._items, keep, strict=True) if k]
-            self._ids, self._modality, self._camid = self._ids[keep], self._modality[keep], self._camid[keep]
+            self._ids, self._modality, self._camid = (
+                self._ids[keep],
+                self._modality[keep],
+                self._camid[keep],
+            )
             for internal in gone.tolist():
                 self._thumb_at.pop(internal, None)
                 self._pending_thumbs.pop(internal, None)
@@ -631,7 +675,11 @@ class GalleryIndex:
             OSError: the disk refused a write; the previous index on disk is untouched then.
         """
         with self._lock.write(), files.folder_lock(self.path):
-            on_disk = _read_header(self.path).get("generation", 0) if (self.path / MANIFEST).exists() else 0
+            on_disk = (
+                _read_header(self.path).get("generation", 0)
+                if (self.path / MANIFEST).exists()
+                else 0
+            )
             if on_disk != self._generation:
                 raise IndexConflictError(
                     f"{self.path}: saved by another writer (generation {on_disk}, this copy has "
@@ -651,11 +699,19 @@ class GalleryIndex:
                 files.fsync_dir(self.path)
                 self._remove_unlisted(header)
             except OSError as exc:
-                log.warning("index %s saved, but tidying up failed (%s); unused files remain", self.path, exc)
-            log.info("saved index %s (generation %d, %d tracklets)", self.path, generation, len(self))
+                log.warning(
+                    "index %s saved, but tidying up failed (%s); unused files remain",
+                    self.path,
+                    exc,
+                )
+            log.info(
+                "saved index %s (generation %d, %d tracklets)", self.path, generation, len(self)
+            )
 
-    def _write_data(self, gen: int) -> tuple[dict[str, Any], dict[int, tuple[str, int, int]], dict[str, Any]]:
-        """Write every data file of generation ``gen``; returns (file entries, thumb map, segments)."""
+    def _write_data(
+        self, gen: int
+    ) -> tuple[dict[str, Any], dict[int, tuple[str, int, int]], dict[str, Any]]:
+        """Write the data files of generation ``gen``; returns (entries, thumb map, segments)."""
         thumb_at, segments = self._write_thumbnails(gen)
         listed: dict[str, Any] = {}
         index_name = f"index.{gen:06d}.faiss"
@@ -673,7 +729,7 @@ class GalleryIndex:
         return listed, thumb_at, segments
 
     def _write_thumbnails(self, gen: int) -> tuple[dict[int, tuple[str, int, int]], dict[str, Any]]:
-        """New segment with pending thumbnails (all live ones when compacting); nothing in memory changes."""
+        """New segment of pending thumbnails (all live ones when compacting); memory unchanged."""
         live = dict(self._thumb_at)
         used = Counter(loc[0] for loc in live.values())
         total = sum(int(self._segments[name]["bytes"]) for name in used)
@@ -735,7 +791,11 @@ class GalleryIndex:
                 os.close(self._fds.pop(name))
         for entry in self.path.iterdir():
             stale_tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
-            if (stale_tmp or _DATA_FILE.match(entry.name)) and entry.name not in keep and entry.is_file():
+            if (
+                (stale_tmp or _DATA_FILE.match(entry.name))
+                and entry.name not in keep
+                and entry.is_file()
+            ):
                 files.remove_quietly(entry)
         files.fsync_dir(self.path)
 
@@ -763,11 +823,23 @@ def _load_vectors(file: Path, count: int, dim: int) -> np.ndarray:
     except (ValueError, OSError) as exc:
         raise IndexFormatError(f"{file}: not a readable vector file ({exc})") from None
     if vectors.shape != (count, dim) or vectors.dtype != np.float32:
-        raise IndexFormatError(f"{file}: expected float32 [{count}, {dim}], found {vectors.dtype} {list(vectors.shape)}")
+        raise IndexFormatError(
+            f"{file}: expected float32 [{count}, {dim}], "
+            f"found {vectors.dtype} {list(vectors.shape)}"
+        )
     return vectors
 
 
-_REQUIRED = ("format", "format_version", "generation", "dim", "similarity", "index_type", "model_fingerprint", "files")
+_REQUIRED = (
+    "format",
+    "format_version",
+    "generation",
+    "dim",
+    "similarity",
+    "index_type",
+    "model_fingerprint",
+    "files",
+)
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -778,7 +850,9 @@ def _read_header(path: Path) -> dict[str, Any]:
     try:
         header = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise IndexFormatError(f"{file}: missing; {path} is not a vvireid index (or its build never finished)") from None
+        raise IndexFormatError(
+            f"{file}: missing; {path} is not a vvireid index (or its build never finished)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IndexFormatError(f"{file}: not a readable index manifest ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -799,20 +873,27 @@ def _read_header(path: Path) -> dict[str, Any]:
     entries = [listed["index"], listed["items"], *listed.get("thumbnails", [])]
     entries += [listed["vectors"]] if "vectors" in listed else []
     for entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and "sha256" in entry):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and "sha256" in entry
+        ):
             raise IndexFormatError(f"{file}: files: malformed entry {entry!r}")
         if "/" in entry["name"] or entry["name"].startswith("."):
             raise IndexFormatError(f"{file}: files: {entry['name']!r} is not a plain file name")
     return header
 
 
-def _check_model(path: Path, header: dict[str, Any], fingerprint: str | None, dim: int | None) -> None:
+def _check_model(
+    path: Path, header: dict[str, Any], fingerprint: str | None, dim: int | None
+) -> None:
     if fingerprint is not None and header["model_fingerprint"] != fingerprint:
         method = (header.get("model_config") or {}).get("method", "?")
         raise IndexMismatchError(
-            f"{path}: built with model {header['model_fingerprint']} ({method}), but the checkpoint "
-            f"given has fingerprint {fingerprint}; features of different models are not comparable "
-            f"- rebuild the index with this checkpoint or use the one it was built with"
+            f"{path}: built with model {header['model_fingerprint']} ({method}), but the "
+            f"checkpoint given has fingerprint {fingerprint}; features of different models are "
+            f"not comparable - rebuild the index with this checkpoint or use the one it was "
+            f"built with"
         )
     if dim is not None and int(header["dim"]) != int(dim):
-        raise IndexMismatchError(f"{path}: holds {header['dim']}-d vectors, the model produces {dim}-d")
+        raise IndexMismatchError(
+            f"{path}: holds {header['dim']}-d vectors, the model produces {dim}-d"
+        )

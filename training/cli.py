@@ -96,6 +96,11 @@ class UsageError(ValueError):
     """A command-line mistake."""
 
 
+def _quiet_root_info(record: logging.LogRecord) -> bool:
+    """Drop open_clip's INFO chatter (it logs through the root logger); vvireid never does."""
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
 def configure_logging(verbose: bool, run_dir: Path | None = None, rank: int = 0) -> None:
     """Log to stderr (warnings only on ranks > 0) and, on rank 0, to ``RUN/train.log``."""
     root = logging.getLogger()
@@ -106,6 +111,7 @@ def configure_logging(verbose: bool, run_dir: Path | None = None, rank: int = 0)
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(level if rank == 0 else logging.WARNING)
         handler.setFormatter(formatter)
+        handler.addFilter(_quiet_root_info)
         handler._vvireid = "stderr"  # type: ignore[attr-defined]
         root.addHandler(handler)
     if run_dir is not None and rank == 0:
@@ -169,8 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint, read_checkpoint_metadata
     from training.data import load_dataset
     from training.distributed import resolve_device
-    from training.report import build_report, protocol_notes, write_eval_outputs
-    from training.trainer import evaluate_model
+    from training.report import build_report, evaluate_model, protocol_notes, write_eval_outputs
 
     configure_logging(args.verbose)
     checkpoint = Path(args.checkpoint).expanduser()

@@ -1,5 +1,9 @@
-"""Evaluation reports: a JSON summary, a CMC-curve plot and a rank-list picture (PIL only).
+"""Evaluation runs and their reports: features -> both directions' metrics -> a JSON summary, a
+CMC-curve plot and a rank-list picture (PIL only).
 
+``evaluate_model`` encodes every query and gallery tracklet once with ``model.encode`` on
+``TestClipDataset`` clips (the preprocessing the indexer and the server use), ranks with the
+model's similarity and scores with ``training.evaluation.evaluate`` under the dataset's protocol.
 The pictures are drawn with PIL because matplotlib is not a dependency: a plot of two curves and a
 grid of thumbnails do not justify one. Everything written here is atomic (temp file, fsync, rename).
 """
@@ -14,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
 
+from model.base import ReIDModel
 from model.checkpoint import atomic_write_bytes
-from model.preprocess import FrameError, load_image
+from model.preprocess import FrameError, FramePreprocessor, PreprocessConfig, load_image
 from model.types import Tracklet
-from training.evaluation import EvalResult
+from training.data.splits import DIRECTIONS, DatasetSplits
+from training.data.video_dataset import TestClipDataset, collate_test
+from training.distributed import DistInfo, all_gather_objects
+from training.evaluation import EvalResult, distance_matrix, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,96 @@ class DirectionResult:
     distmat: np.ndarray
     query: Sequence[Tracklet]
     gallery: Sequence[Tracklet]
+
+
+# ---------------------------------------------------------------------------------------------
+# running the evaluation
+
+
+def encode_tracklets(
+    model: ReIDModel,
+    tracklets: list[Tracklet],
+    preprocess: PreprocessConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    on_bad_frame: str = "fail",
+    dist: DistInfo | None = None,
+) -> np.ndarray | None:
+    """Retrieval features ``[N, D]`` (float32) of ``tracklets``, in fp32 and eval mode.
+
+    Clips of one tracklet (several under ``dense``) are averaged. With several ranks each encodes
+    a strided share and rank 0 receives all features; other ranks get None.
+    """
+    dist = dist or DistInfo()
+    share = list(range(dist.rank, len(tracklets), dist.world_size))
+    dataset = TestClipDataset([tracklets[i] for i in share], FramePreprocessor(preprocess),
+                              on_bad_frame=on_bad_frame)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_test, pin_memory=device.type == "cuda")
+    camids = torch.tensor([tracklets[i].camid for i in share], dtype=torch.int64)
+    feats: dict[int, np.ndarray] = {}
+    for clips, counts, local in loader:
+        clip_camids = camids[local].repeat_interleave(counts)
+        out = model.encode(clips.to(device, non_blocking=True), clip_camids.to(device)).float()
+        for position, part in zip(local.tolist(), torch.split(out, counts.tolist()), strict=True):
+            feats[share[position]] = part.mean(dim=0).cpu().numpy()
+    gathered = all_gather_objects(dist, feats) if dist.enabled else [feats]
+    if not dist.is_main:
+        return None
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return np.stack([merged[i] for i in range(len(tracklets))]).astype(np.float32)
+
+
+def evaluate_model(
+    model: ReIDModel,
+    splits: DatasetSplits,
+    *,
+    device: torch.device,
+    test_sampling: str | None = None,
+    dense: bool = False,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    max_rank: int = 20,
+    on_bad_frame: str = "fail",
+    dist: DistInfo | None = None,
+) -> dict[str, DirectionResult] | None:
+    """Both cross-modal directions of ``splits`` under the dataset's protocol (None off rank 0).
+
+    Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets).
+    """
+    rule = "dense" if dense else (test_sampling or splits.test_sampling)
+    preprocess = PreprocessConfig(**{**model.preprocess.to_dict(), "test_sampling": rule})
+    unique: dict[Tracklet, int] = {}
+    for direction in DIRECTIONS:
+        for t in [*splits.query.get(direction, []), *splits.gallery.get(direction, [])]:
+            unique.setdefault(t, len(unique))
+    ordered = list(unique)
+    feats = encode_tracklets(model, ordered, preprocess, device=device, batch_size=batch_size,
+                             num_workers=num_workers, on_bad_frame=on_bad_frame, dist=dist)
+    if feats is None:
+        return None
+    results = {}
+    for direction in DIRECTIONS:
+        query, gallery = splits.query.get(direction, []), splits.gallery.get(direction, [])
+        if not query or not gallery:
+            log.warning("%s: no %s queries or gallery; skipped", splits.name, direction)
+            continue
+        q = feats[[unique[t] for t in query]]
+        g = feats[[unique[t] for t in gallery]]
+        dist_qg = distance_matrix(q, g, model.similarity)
+        result = evaluate(dist_qg, [t.pid for t in query], [t.pid for t in gallery],
+                          [t.camid for t in query], [t.camid for t in gallery],
+                          filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
+        results[direction] = DirectionResult(result, dist_qg, query, gallery)
+    return results
+
+
+def flat_metrics(results: dict[str, DirectionResult]) -> dict[str, float]:
+    """``{"ir_to_vis/R1": 0.53, ...}`` for logs and checkpoint metadata (fractions)."""
+    return {f"{name}/{k}": v for name, d in results.items() for k, v in d.result.to_dict().items()}
+
 
 
 def metrics_dict(result: EvalResult, num_queries: int, num_gallery: int) -> dict[str, Any]:

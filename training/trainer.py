@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -53,9 +52,8 @@ from model.types import Modality, Tracklet
 from training.config import TrainConfig, config_from_dict
 from training.data import DatasetSplits, load_dataset
 from training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
-from training.data.splits import DIRECTIONS
 from training.data.transforms import build_train_transform
-from training.data.video_dataset import FrameLoader, TestClipDataset, TrainClipDataset, collate_test
+from training.data.video_dataset import FrameLoader, TrainClipDataset
 from training.distributed import (
     DistInfo,
     all_gather_objects,
@@ -67,11 +65,17 @@ from training.distributed import (
     gather_outputs,
     init_distributed,
 )
-from training.evaluation import distance_matrix, evaluate
 from training.metrics_log import MetricsLogger
 from training.objectives import TrainBatch, create_objective
 from training.optim import create_optimizer, create_scheduler, describe_groups
-from training.report import DirectionResult, build_report, protocol_notes, write_eval_outputs
+from training.report import (
+    DirectionResult,
+    build_report,
+    evaluate_model,
+    flat_metrics,
+    protocol_notes,
+    write_eval_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,95 +219,6 @@ def _epoch_pass_batches(loader: DataLoader) -> Iterator[TrainBatch]:
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def encode_tracklets(
-    model: ReIDModel,
-    tracklets: list[Tracklet],
-    preprocess: PreprocessConfig,
-    *,
-    device: torch.device,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    on_bad_frame: str = "fail",
-    dist: DistInfo | None = None,
-) -> np.ndarray | None:
-    """Retrieval features ``[N, D]`` (float32) of ``tracklets``, in fp32 and eval mode.
-
-    Clips of one tracklet (several under ``dense``) are averaged. With several ranks each encodes
-    a strided share and rank 0 receives all features; other ranks get None.
-    """
-    dist = dist or DistInfo()
-    share = list(range(dist.rank, len(tracklets), dist.world_size))
-    dataset = TestClipDataset([tracklets[i] for i in share], FramePreprocessor(preprocess),
-                              on_bad_frame=on_bad_frame)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_test, pin_memory=device.type == "cuda")
-    camids = torch.tensor([tracklets[i].camid for i in share], dtype=torch.int64)
-    feats: dict[int, np.ndarray] = {}
-    for clips, counts, local in loader:
-        clip_camids = camids[local].repeat_interleave(counts)
-        out = model.encode(clips.to(device, non_blocking=True), clip_camids.to(device)).float()
-        for position, part in zip(local.tolist(), torch.split(out, counts.tolist())):
-            feats[share[position]] = part.mean(dim=0).cpu().numpy()
-    gathered = all_gather_objects(dist, feats) if dist.enabled else [feats]
-    if not dist.is_main:
-        return None
-    merged = {k: v for part in gathered for k, v in part.items()}
-    return np.stack([merged[i] for i in range(len(tracklets))]).astype(np.float32)
-
-
-def evaluate_model(
-    model: ReIDModel,
-    splits: DatasetSplits,
-    *,
-    device: torch.device,
-    test_sampling: str | None = None,
-    dense: bool = False,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    max_rank: int = 20,
-    on_bad_frame: str = "fail",
-    dist: DistInfo | None = None,
-) -> dict[str, DirectionResult] | None:
-    """Both cross-modal directions of ``splits`` under the dataset's protocol (None off rank 0).
-
-    Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets).
-    """
-    rule = "dense" if dense else (test_sampling or splits.test_sampling)
-    preprocess = PreprocessConfig(**{**model.preprocess.to_dict(), "test_sampling": rule})
-    unique: dict[Tracklet, int] = {}
-    for direction in DIRECTIONS:
-        for t in [*splits.query.get(direction, []), *splits.gallery.get(direction, [])]:
-            unique.setdefault(t, len(unique))
-    ordered = list(unique)
-    feats = encode_tracklets(model, ordered, preprocess, device=device, batch_size=batch_size,
-                             num_workers=num_workers, on_bad_frame=on_bad_frame, dist=dist)
-    if feats is None:
-        return None
-    results = {}
-    for direction in DIRECTIONS:
-        query, gallery = splits.query.get(direction, []), splits.gallery.get(direction, [])
-        if not query or not gallery:
-            log.warning("%s: no %s queries or gallery; skipped", splits.name, direction)
-            continue
-        q = feats[[unique[t] for t in query]]
-        g = feats[[unique[t] for t in gallery]]
-        dist_qg = distance_matrix(q, g, model.similarity)
-        result = evaluate(dist_qg, [t.pid for t in query], [t.pid for t in gallery],
-                          [t.camid for t in query], [t.camid for t in gallery],
-                          filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
-        results[direction] = DirectionResult(result, dist_qg, query, gallery)
-    return results
-
-
-def flat_metrics(results: dict[str, DirectionResult]) -> dict[str, float]:
-    """``{"ir_to_vis/R1": 0.53, ...}`` for logs and checkpoint metadata (fractions)."""
-    return {f"{name}/{k}": v for name, d in results.items() for k, v in d.result.to_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------------
 # files
 
 
@@ -311,16 +226,14 @@ def _atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _guard_disk(what: str, path: Path, intact: str, action: Any) -> None:
+def _guard_disk(what: str, path: Path, intact: str, action: Any,
+                hint: str = "free space, then continue with --resume") -> None:
     """Run a file write; a full disk becomes a TrainingError naming what is still intact."""
     try:
         action()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TrainingError(
-                f"disk full while writing the {what} {path}; {intact}. Free space and run "
-                "again with --resume"
-            ) from None
+            raise TrainingError(f"disk full while writing the {what} {path}; {intact}; {hint}") from None
         raise TrainingError(f"cannot write the {what} {path}: {exc}; {intact}") from None
 
 
@@ -530,13 +443,17 @@ class Trainer:
         atomic_write_bytes(run_path, lambda tmp: Path(tmp).write_text(text))
 
     def _set_status(self, status: str) -> None:
+        """Record the run's status in ``run.json``; best effort (never hides the real error)."""
         path = self.run_dir / RUN_FILE
         if not self.dist.is_main or not path.exists():
             return
-        info = json.loads(path.read_text())
-        info["status"] = status
-        text = json.dumps(info, indent=2)
-        atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+        try:
+            info = json.loads(path.read_text())
+            info["status"] = status
+            text = json.dumps(info, indent=2)
+            atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot update %s: %s", path, exc)
 
     # ---- resume --------------------------------------------------------------------------------
     def _resume_state(self, epoch: int) -> dict[str, Any]:
@@ -593,8 +510,10 @@ class Trainer:
             return
         intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 1
                   else "no earlier checkpoint exists")
+        hint = ("free space, then start the run again" if epoch == 1
+                else "free space, then continue with --resume")
         path = self.resume_path
-        _guard_disk("resume checkpoint", path, intact, lambda: _atomic_torch_save(path, state))
+        _guard_disk("resume checkpoint", path, intact, lambda: _atomic_torch_save(path, state), hint)
         model_path = self.run_dir / MODEL_FILE
         _guard_disk("model checkpoint", model_path, f"{path} (epoch {epoch}) is intact",
                     lambda: save_checkpoint(model_path, self.model, self._extra(epoch, metrics)))
@@ -626,7 +545,7 @@ class Trainer:
             raise TrainingError("the objective returned no loss terms")
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())]).tolist()
-        named = {"loss": values[0], **dict(zip(terms, values[1:]))}
+        named = {"loss": values[0], **dict(zip(terms, values[1:], strict=True))}
         bad = [name for name, v in named.items() if not np.isfinite(v)]
         if any_flag(self.dist, bool(bad)):
             term = next((n for n in bad if n != "loss"), bad[0] if bad else "loss (on another rank)")
@@ -791,13 +710,3 @@ class Trainer:
         log.info("report written to %s", paths["report"])
         return report
 
-
-def run_dir_config(run_dir: str | Path) -> TrainConfig:
-    """Public helper for the CLI: the config saved in a run folder."""
-    return read_run_config(Path(run_dir).expanduser())
-
-
-def environment_summary() -> dict[str, Any]:
-    """Versions and hardware, for the run log."""
-    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}

@@ -47,7 +47,7 @@ def frames_of(tmp_path: Path) -> Callable[[str, int, int], list[str]]:
 def make_gallery(tmp_path: Path) -> Callable[..., Path]:
     """``make_gallery(n, name="gallery", start=0)`` -> manifest path of ``n`` tracklets.
 
-    Tracklet ``t{i}`` is visible for even i, infrared for odd i, on camera ``i % 3``, pid ``i // 2``.
+    Tracklet ``t{i}`` is visible for even i, infrared for odd i, camera ``i % 3``, pid ``i // 2``.
     """
 
     def make(n: int, name: str = "gallery", start: int = 0, seed: int = 0) -> Path:
@@ -56,14 +56,16 @@ def make_gallery(tmp_path: Path) -> Callable[..., Path]:
         records = []
         for i in range(start, start + n):
             frames = write_tracklet(root / f"t{i}", rng)
-            records.append({
-                "tracklet_id": f"t{i}",
-                "modality": "visible" if i % 2 == 0 else "infrared",
-                "camid": i % 3,
-                "camera": f"cam-{i % 3}",
-                "frames": [f"t{i}/{f}" for f in frames],
-                "pid": i // 2,
-            })
+            records.append(
+                {
+                    "tracklet_id": f"t{i}",
+                    "modality": "visible" if i % 2 == 0 else "infrared",
+                    "camid": i % 3,
+                    "camera": f"cam-{i % 3}",
+                    "frames": [f"t{i}/{f}" for f in frames],
+                    "pid": i // 2,
+                }
+            )
         manifest = root / "gallery.jsonl"
         manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
         return manifest

@@ -20,9 +20,25 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | Non
     return code, (json.loads(out) if out.strip() else None), err
 
 
-def build(capsys, manifest: Path, ckpt: Path, out: Path, *extra: str) -> tuple[int, dict | None, str]:
-    return run(capsys, "build", "--checkpoint", ckpt, "--gallery", manifest, "--out", out,
-               "--no-progress", "--batch-size", "4", "--workers", "2", *extra)
+def build(
+    capsys, manifest: Path, ckpt: Path, out: Path, *extra: str
+) -> tuple[int, dict | None, str]:
+    return run(
+        capsys,
+        "build",
+        "--checkpoint",
+        ckpt,
+        "--gallery",
+        manifest,
+        "--out",
+        out,
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        *extra,
+    )
 
 
 def frames(manifest: Path, tracklet_id: str) -> list[str]:
@@ -39,10 +55,23 @@ def test_build_info_and_search(tmp_path, capsys, make_gallery, checkpoint):
     code, info, _ = run(capsys, "info", out)
     assert code == 0 and info["count"] == 12 and info["index_type"] == "flat"
     assert info["per_modality"]["infrared"]["by_camid"] == {"0": 2, "1": 2, "2": 2}
-    assert info["per_modality"]["visible"]["camera_names"] == {"0": "cam-0", "1": "cam-1", "2": "cam-2"}
+    assert info["per_modality"]["visible"]["camera_names"] == {
+        "0": "cam-0",
+        "1": "cam-1",
+        "2": "cam-2",
+    }
     assert info["model_fingerprint"] and info["dim"] > 0 and info["created"]
 
-    search = ["search", out, "--checkpoint", ckpt, "--modality", "infrared", "--frames", *frames(manifest, "t3")]
+    search = [
+        "search",
+        out,
+        "--checkpoint",
+        ckpt,
+        "--modality",
+        "infrared",
+        "--frames",
+        *frames(manifest, "t3"),
+    ]
     code, result, _ = run(capsys, *search, "--same-modal", "--camid", "0", "--top-k", "3")
     assert code == 0 and [h["rank"] for h in result["hits"]] == [1, 2, 3]
     assert result["hits"][0]["tracklet_id"] == "t3"  # the query is in the gallery: it comes first
@@ -58,15 +87,27 @@ def test_build_info_and_search(tmp_path, capsys, make_gallery, checkpoint):
     code, _, err = build(capsys, manifest, ckpt, out)
     assert code == 2 and "already holds an index" in err
     code, summary, _ = build(capsys, manifest, ckpt, out, "--overwrite", "--index-type", "ivf")
-    assert code == 0 and summary["index_type"] == "flat" and "needs at least" in summary["warnings"][0]
+    assert (
+        code == 0 and summary["index_type"] == "flat" and "needs at least" in summary["warnings"][0]
+    )
 
 
 def test_bad_tracklets_are_counted_against_the_budget(tmp_path, capsys, make_gallery, checkpoint):
     manifest, ckpt, out = make_gallery(20), checkpoint(), tmp_path / "index"
     (manifest.parent / "t1" / "0.jpg").write_bytes(b"garbage")  # t1's first frame is sampled
     bad_lines = [
-        {"tracklet_id": "x-modality", "modality": "ultraviolet", "camid": 0, "frames": ["t0/0.jpg"]},
-        {"tracklet_id": "x-missing", "modality": "visible", "camid": 0, "frames": ["nowhere/0.jpg"]},
+        {
+            "tracklet_id": "x-modality",
+            "modality": "ultraviolet",
+            "camid": 0,
+            "frames": ["t0/0.jpg"],
+        },
+        {
+            "tracklet_id": "x-missing",
+            "modality": "visible",
+            "camid": 0,
+            "frames": ["nowhere/0.jpg"],
+        },
         {"tracklet_id": "x-empty", "modality": "visible", "camid": 0, "frames": []},
     ]
     with manifest.open("a") as handle:
@@ -78,15 +119,27 @@ def test_bad_tracklets_are_counted_against_the_budget(tmp_path, capsys, make_gal
     assert code == 1 and "--max-failures" in err
     assert report["failure_count"] == 2 and report["total"] == 23
     failures = {f["tracklet_id"]: f for f in report["failures"]}
-    assert failures["x-modality"]["path"] == f"{manifest}:21" and "modality" in failures["x-modality"]["reason"]
-    assert failures["x-empty"]["path"] == f"{manifest}:23" and "frames" in failures["x-empty"]["reason"]
+    assert (
+        failures["x-modality"]["path"] == f"{manifest}:21"
+        and "modality" in failures["x-modality"]["reason"]
+    )
+    assert (
+        failures["x-empty"]["path"] == f"{manifest}:23"
+        and "frames" in failures["x-empty"]["reason"]
+    )
     assert run(capsys, "info", out)[0] == 2  # nothing was written
 
     code, report, _ = build(capsys, manifest, ckpt, out, "--max-failures", "10%")  # 2 allowed
     assert code == 1 and report["failure_count"] == 4
     failures = {f["tracklet_id"]: f for f in report["failures"]}
-    assert failures["t1"]["path"].endswith("t1/0.jpg") and "not a readable image" in failures["t1"]["reason"]
-    assert failures["x-missing"]["path"].endswith("nowhere/0.jpg") and "cannot open" in failures["x-missing"]["reason"]
+    assert (
+        failures["t1"]["path"].endswith("t1/0.jpg")
+        and "not a readable image" in failures["t1"]["reason"]
+    )
+    assert (
+        failures["x-missing"]["path"].endswith("nowhere/0.jpg")
+        and "cannot open" in failures["x-missing"]["reason"]
+    )
     assert run(capsys, "info", out)[0] == 2
 
     code, summary, _ = build(capsys, manifest, ckpt, out, "--max-failures", "4")
@@ -98,7 +151,9 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing in the product catches it."""
 
 
-def test_interrupted_rebuild_keeps_old_index_and_resumes(tmp_path, capsys, make_gallery, checkpoint, monkeypatch):
+def test_interrupted_rebuild_keeps_old_index_and_resumes(
+    tmp_path, capsys, make_gallery, checkpoint, monkeypatch
+):
     ckpt, out = checkpoint(), tmp_path / "index"
     old = make_gallery(6, name="old")
     assert build(capsys, old, ckpt, out)[0] == 0
@@ -130,36 +185,71 @@ def test_interrupted_rebuild_keeps_old_index_and_resumes(tmp_path, capsys, make_
     assert summary["count"] == 24 and not (out / ".build-partial").exists()
 
     code, fresh, _ = build(capsys, new, ckpt, tmp_path / "fresh", "--chunk-size", "4")
-    query = ["--checkpoint", ckpt, "--modality", "visible", "--frames", *frames(new, "t100"), "--any-modal"]
+    query = [
+        "--checkpoint",
+        ckpt,
+        "--modality",
+        "visible",
+        "--frames",
+        *frames(new, "t100"),
+        "--any-modal",
+    ]
     resumed_hits = run(capsys, "search", out, *query)[1]["hits"]
     fresh_hits = run(capsys, "search", tmp_path / "fresh", *query)[1]["hits"]
     assert [h["tracklet_id"] for h in resumed_hits] == [h["tracklet_id"] for h in fresh_hits]
-    assert [h["score"] for h in resumed_hits] == pytest.approx([h["score"] for h in fresh_hits], rel=1e-5)
+    assert [h["score"] for h in resumed_hits] == pytest.approx(
+        [h["score"] for h in fresh_hits], rel=1e-5
+    )
 
 
 def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
     ckpt, out = checkpoint(), tmp_path / "index"
     assert build(capsys, make_gallery(6, name="first"), ckpt, out)[0] == 0
     more = make_gallery(6, name="more", start=4, seed=2)  # t4, t5 are already indexed
-    code, summary, _ = run(capsys, "add", out, "--checkpoint", ckpt, "--gallery", more, "--no-progress")
+    code, summary, _ = run(
+        capsys, "add", out, "--checkpoint", ckpt, "--gallery", more, "--no-progress"
+    )
     assert code == 0 and summary["duplicates"] == ["t4", "t5"]
     assert summary["added"] == 4 and summary["count"] == 10
 
     code, result, _ = run(capsys, "remove", out, "--tracklet-id", "t0", "t9")
     assert code == 0 and result["removed"] == 2 and result["count"] == 8
-    query = ["search", out, "--checkpoint", ckpt, "--modality", "ir", "--frames", *frames(more, "t9")]
+    query = [
+        "search",
+        out,
+        "--checkpoint",
+        ckpt,
+        "--modality",
+        "ir",
+        "--frames",
+        *frames(more, "t9"),
+    ]
     hits = run(capsys, *query, "--any-modal", "--top-k", "20")[1]["hits"]
     assert len(hits) == 8 and {"t0", "t9"}.isdisjoint(h["tracklet_id"] for h in hits)
 
     code, _, err = run(capsys, "remove", out, "--tracklet-id", "t1", "nope")
     assert code == 2 and "nope" in err and "nothing removed" in err
-    assert run(capsys, "remove", out, "--tracklet-id", "t1", "nope", "--ignore-missing")[1]["removed"] == 1
+    assert (
+        run(capsys, "remove", out, "--tracklet-id", "t1", "nope", "--ignore-missing")[1]["removed"]
+        == 1
+    )
 
     other = checkpoint(seed=1)
-    code, _, err = run(capsys, "search", out, "--checkpoint", other, "--modality", "ir", "--frames",
-                       *frames(more, "t9"))
+    code, _, err = run(
+        capsys,
+        "search",
+        out,
+        "--checkpoint",
+        other,
+        "--modality",
+        "ir",
+        "--frames",
+        *frames(more, "t9"),
+    )
     assert code == 2 and "built with model" in err and "Traceback" not in err
-    code, _, err = run(capsys, "add", out, "--checkpoint", other, "--gallery", more, "--no-progress")
+    code, _, err = run(
+        capsys, "add", out, "--checkpoint", other, "--gallery", more, "--no-progress"
+    )
     assert code == 2 and "built with model" in err
 
     (items,) = out.glob("items.*.jsonl")
@@ -167,8 +257,16 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
     code, _, err = run(capsys, "info", out)
     assert code == 2 and items.name in err and "checksum" in err
 
-    code, _, err = run(capsys, "build", "--checkpoint", tmp_path / "missing.safetensors", "--gallery",
-                       more, "--out", tmp_path / "x")
+    code, _, err = run(
+        capsys,
+        "build",
+        "--checkpoint",
+        tmp_path / "missing.safetensors",
+        "--gallery",
+        more,
+        "--out",
+        tmp_path / "x",
+    )
     assert code == 2 and "missing.safetensors" in err
 
 
@@ -179,9 +277,22 @@ def test_dataset_test_split_indexes_query_and_gallery_once(tmp_path, capsys, che
     root = tmp_path / "vcm"
     synth.synthesize(root, "hitsz-vcm", ids=4, cameras=2, frames=(12, 13), image_size=(64, 32))
     splits = load_dataset("hitsz-vcm", root)
-    expected = {t.tracklet_id for part in (*splits.query.values(), *splits.gallery.values()) for t in part}
-    code, summary, _ = run(capsys, "build", "--checkpoint", checkpoint(), "--gallery", root, "--format",
-                           "hitsz-vcm", "--out", tmp_path / "index", "--no-progress")
+    expected = {
+        t.tracklet_id for part in (*splits.query.values(), *splits.gallery.values()) for t in part
+    }
+    code, summary, _ = run(
+        capsys,
+        "build",
+        "--checkpoint",
+        checkpoint(),
+        "--gallery",
+        root,
+        "--format",
+        "hitsz-vcm",
+        "--out",
+        tmp_path / "index",
+        "--no-progress",
+    )
     assert code == 0 and summary["count"] == len(expected) > 0
     assert set(GalleryIndex.open(tmp_path / "index").tracklet_ids()) == expected
 
@@ -202,6 +313,8 @@ def test_failure_budget_and_lenient_manifest(tmp_path):
     good, bad = read_manifest_lenient(manifest)
     assert [t.tracklet_id for t in good] == ["a"] and good[0].frames == (str(tmp_path / "a.jpg"),)
     assert [(f.tracklet_id, f.path) for f in bad] == [
-        ("b", f"{manifest}:3"), (f"{manifest}:4", f"{manifest}:4"), ("a", f"{manifest}:5"),
+        ("b", f"{manifest}:3"),
+        (f"{manifest}:4", f"{manifest}:4"),
+        ("a", f"{manifest}:5"),
     ]
     assert "camId" in bad[0].reason and "duplicates line 1" in bad[2].reason

@@ -25,7 +25,9 @@ def test_prepare_uses_the_checkpoint_sampling_and_size(frames_of, encoder):
     clips = encoder.prepare(frames)
     assert clips.shape == (1, 4, 3, 64, 32)
     # rrs_test on 9 frames, T = 4: chunks of 3 -> frames 0, 3, 6, 8 (model.sampling)
-    expected = torch.stack([encoder.preprocessor.frame_tensor(Image.open(frames[i])) for i in (0, 3, 6, 8)])
+    expected = torch.stack(
+        [encoder.preprocessor.frame_tensor(Image.open(frames[i])) for i in (0, 3, 6, 8)]
+    )
     assert torch.equal(clips[0], expected)
     with_thumb, thumb = encoder.prepare_with_thumbnail(frames)
     assert torch.equal(with_thumb, clips)
@@ -37,11 +39,14 @@ def test_batched_encoding_equals_one_by_one(frames_of, encoder):
     sets = [encoder.prepare(frames_of(f"t{i}", 3 + i, i)) for i in range(5)]
     camids = [0, 1, None, 2, None]
     batched = encoder.encode_prepared(sets, camids)
-    single = np.stack([encoder.encode_prepared([s], [c])[0] for s, c in zip(sets, camids, strict=True)])
+    single = np.stack(
+        [encoder.encode_prepared([s], [c])[0] for s, c in zip(sets, camids, strict=True)]
+    )
     assert batched.shape == (5, encoder.dim) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(encoder.encode_frames(frames_of("t0", 3, 0), camid=0), batched[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        encoder.encode_frames(frames_of("t0", 3, 0), camid=0), batched[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_dense_sampling_averages_clips_and_cosine_normalises(frames_of, tiny_kwargs):
@@ -71,7 +76,13 @@ def test_bad_tracklets_become_failures_naming_the_file(tmp_path, frames_of, enco
     encoded = [t.tracklet_id for c in chunks for t in c.tracklets]
     failures = {f.tracklet_id: f for c in chunks for f in c.failures}
     assert encoded == ["good"]
-    assert failures["broken"].path == broken_frames[0] and "not a readable image" in failures["broken"].reason
-    assert failures["missing"].path.endswith("nowhere.jpg") and "cannot open" in failures["missing"].reason
+    assert (
+        failures["broken"].path == broken_frames[0]
+        and "not a readable image" in failures["broken"].reason
+    )
+    assert (
+        failures["missing"].path.endswith("nowhere.jpg")
+        and "cannot open" in failures["missing"].reason
+    )
     assert failures["empty"].path == "list.jsonl:4" and "no frames" in failures["empty"].reason
     assert chunks[0].thumbnails[0] is not None

@@ -1,4 +1,4 @@
-"""GalleryIndex with random vectors: exact search, filters, add/remove, persistence, atomic saves."""
+"""GalleryIndex on random vectors: exact search, filters, add/remove, persistence, atomicity."""
 
 from __future__ import annotations
 
@@ -27,24 +27,51 @@ DIM = 16
 
 def items_for(n: int, start: int = 0, cams: int = 4) -> list[GalleryItem]:
     return [
-        GalleryItem(f"g{i}", Modality(i % 2), i % cams, camera=f"cam{i % cams}", pid=i // 2,
-                    timestamp=float(i), frames=(f"/frames/g{i}/0.jpg",))
+        GalleryItem(
+            f"g{i}",
+            Modality(i % 2),
+            i % cams,
+            camera=f"cam{i % cams}",
+            pid=i // 2,
+            timestamp=float(i),
+            frames=(f"/frames/g{i}/0.jpg",),
+        )
         for i in range(start, start + n)
     ]
 
 
-def new_index(path: Path, similarity: str = "cosine", index_type: str = "flat", **kw) -> GalleryIndex:
-    return GalleryIndex.create(path, dim=DIM, model_fingerprint="fp-a", similarity=similarity,
-                               index_type=index_type, model_config={"method": "baseline"}, **kw)
+def new_index(
+    path: Path, similarity: str = "cosine", index_type: str = "flat", **kw
+) -> GalleryIndex:
+    return GalleryIndex.create(
+        path,
+        dim=DIM,
+        model_fingerprint="fp-a",
+        similarity=similarity,
+        index_type=index_type,
+        model_config={"method": "baseline"},
+        **kw,
+    )
 
 
-def brute_force(gallery: np.ndarray, items: list[GalleryItem], queries: np.ndarray, k: int,
-                similarity: str, modality=None, camids=None) -> list[list[str]]:
+def brute_force(
+    gallery: np.ndarray,
+    items: list[GalleryItem],
+    queries: np.ndarray,
+    k: int,
+    similarity: str,
+    modality=None,
+    camids=None,
+) -> list[list[str]]:
     if similarity == "cosine":
         gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    keep = np.array([(modality is None or it.modality == modality)
-                     and (camids is None or it.camid in camids) for it in items])
+    keep = np.array(
+        [
+            (modality is None or it.modality == modality) and (camids is None or it.camid in camids)
+            for it in items
+        ]
+    )
     scores = queries @ gallery.T
     scores[:, ~keep] = -np.inf
     out = []
@@ -54,18 +81,22 @@ def brute_force(gallery: np.ndarray, items: list[GalleryItem], queries: np.ndarr
     return out
 
 
+@pytest.mark.parametrize("num_queries", [7, 40])  # 40: batched (BLAS + over-fetch) path
 @pytest.mark.parametrize("similarity", ["cosine", "inner_product"])
-@pytest.mark.parametrize(("modality", "camids", "k"), [
-    (None, None, 10),
-    (Modality.VISIBLE, None, 10),
-    (Modality.INFRARED, {1, 3}, 5),
-    (Modality.INFRARED, {3}, 50),  # k larger than the matching set: all of it, nothing else
-    (None, {2}, 200),
-])
-def test_flat_search_equals_brute_force(tmp_path, similarity, modality, camids, k):
+@pytest.mark.parametrize(
+    ("modality", "camids", "k"),
+    [
+        (None, None, 10),
+        (Modality.VISIBLE, None, 10),
+        (Modality.INFRARED, {1, 3}, 5),
+        (Modality.INFRARED, {3}, 50),  # k larger than the matching set: all of it, nothing else
+        (None, {2}, 200),
+    ],
+)
+def test_flat_search_equals_brute_force(tmp_path, similarity, modality, camids, k, num_queries):
     rng = np.random.default_rng(1)
     gallery = rng.standard_normal((120, DIM)).astype(np.float32)
-    queries = rng.standard_normal((7, DIM)).astype(np.float32)
+    queries = rng.standard_normal((num_queries, DIM)).astype(np.float32)
     items = items_for(120)
     index = new_index(tmp_path / "idx", similarity)
     index.add(items, gallery)
@@ -77,6 +108,24 @@ def test_flat_search_equals_brute_force(tmp_path, similarity, modality, camids, 
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
         assert all(modality is None or h.modality == modality for h in hits)
         assert all(camids is None or h.camid in camids for h in hits)
+
+
+def test_batched_filtered_search_when_matches_rank_last(tmp_path):
+    """Over-fetching finds no match when every match scores below every other item: those rows
+    must fall back to the filtered search and still return the best matches, in order."""
+    rng = np.random.default_rng(8)
+    direction = rng.standard_normal(DIM).astype(np.float32)
+    visible = direction + 0.1 * rng.standard_normal((300, DIM)).astype(np.float32)
+    infrared = -direction + 0.1 * rng.standard_normal((100, DIM)).astype(np.float32)
+    items = [GalleryItem(f"v{i}", Modality.VISIBLE, 0) for i in range(300)]
+    items += [GalleryItem(f"i{i}", Modality.INFRARED, 1) for i in range(100)]
+    gallery = np.concatenate([visible, infrared])
+    index = new_index(tmp_path / "idx")
+    index.add(items, gallery)
+    queries = (direction + 0.1 * rng.standard_normal((32, DIM))).astype(np.float32)
+    results = index.search(queries, 10, modality=Modality.INFRARED)
+    expected = brute_force(gallery, items, queries, 10, "cosine", Modality.INFRARED)
+    assert [[h.tracklet_id for h in row] for row in results] == expected
 
 
 def test_rare_filter_still_returns_exactly_k(tmp_path):
@@ -101,7 +150,9 @@ def clustered(tmp_path_factory):
     them (training PQ takes seconds, so the tests share it)."""
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((200, DIM)).astype(np.float32)
-    gallery = (np.repeat(centres, 50, axis=0) + 0.3 * rng.standard_normal((10000, DIM))).astype(np.float32)
+    gallery = (np.repeat(centres, 50, axis=0) + 0.3 * rng.standard_normal((10000, DIM))).astype(
+        np.float32
+    )
     queries = (centres[:20] + 0.3 * rng.standard_normal((20, DIM))).astype(np.float32)
     items = items_for(10000)
     path = tmp_path_factory.mktemp("clustered") / "ivfpq"
@@ -121,7 +172,9 @@ def test_ivf_and_ivfpq_recall_against_exact(tmp_path, clustered):
     ivf.save()
     for index in (GalleryIndex.open(tmp_path / "ivf"), GalleryIndex.open(ivfpq_path)):
         found = index.search(queries, 10)
-        recall = np.mean([len(truth[q] & {h.tracklet_id for h in row}) / 10 for q, row in enumerate(found)])
+        recall = np.mean(
+            [len(truth[q] & {h.tracklet_id for h in row}) / 10 for q, row in enumerate(found)]
+        )
         assert recall >= 0.9, (index.index_type, recall)
         assert index.stats()["index_params"]["nlist"] >= 16
 
@@ -244,13 +297,21 @@ def _inject(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> list[str]:
 
         monkeypatch.setattr(owner, name, step)
 
-    for owner, name in ((os, "open"), (os, "fsync"), (os, "replace"), (faiss, "write_index"), (np, "save")):
+    for owner, name in (
+        (os, "open"),
+        (os, "fsync"),
+        (os, "replace"),
+        (faiss, "write_index"),
+        (np, "save"),
+    ):
         wrap(owner, name)
     return calls
 
 
 @pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
-def test_save_interrupted_at_any_step_keeps_previous_index(tmp_path, monkeypatch, index_type, clustered):
+def test_save_interrupted_at_any_step_keeps_previous_index(
+    tmp_path, monkeypatch, index_type, clustered
+):
     """Fail the i-th file-system step of a save, for every i: the folder then holds the previous
     index (when save raised) or the new one (when it returned), never anything else.
 
@@ -269,7 +330,9 @@ def test_save_interrupted_at_any_step_keeps_previous_index(tmp_path, monkeypatch
     else:
         shutil.copytree(clustered[0], pristine)
         n = 10000
-        gallery = np.concatenate([clustered[1], np.random.default_rng(5).standard_normal((10, DIM))])
+        gallery = np.concatenate(
+            [clustered[1], np.random.default_rng(5).standard_normal((10, DIM))]
+        )
         gallery = gallery.astype(np.float32)
         items = items_for(n + 10)
         shutil.copytree(pristine, path)
@@ -320,7 +383,9 @@ def test_files_of_a_killed_save_are_ignored_then_removed(tmp_path):
     index.remove(["g0"])
     index.save()
     assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".lock")) == [
-        "index.000002.faiss", "items.000002.jsonl", MANIFEST,
+        "index.000002.faiss",
+        "items.000002.jsonl",
+        MANIFEST,
     ]
     assert len(GalleryIndex.open(path)) == 4
 
@@ -375,7 +440,7 @@ def test_concurrent_searches_with_writes(tmp_path):
     for thread in threads:
         thread.start()
     for i in range(200, 400, 20):
-        index.add(items[i:i + 20], gallery[i:i + 20])
+        index.add(items[i : i + 20], gallery[i : i + 20])
         index.remove([items[i - 100].tracklet_id])
     stop.set()
     for thread in threads:
@@ -393,8 +458,14 @@ def test_manifest_records_checksums_and_model(tmp_path):
     assert header["format_version"] == 1 and header["metric"] == "inner_product"
     assert header["counts"] == {"visible": 3, "infrared": 3}
     assert header["model_config"] == {"method": "baseline"}
-    for entry in [header["files"]["index"], header["files"]["items"], *header["files"]["thumbnails"]]:
-        assert (path / entry["name"]).stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
+    for entry in [
+        header["files"]["index"],
+        header["files"]["items"],
+        *header["files"]["thumbnails"],
+    ]:
+        assert (path / entry["name"]).stat().st_size == entry["bytes"] and len(
+            entry["sha256"]
+        ) == 64
 
 
 @pytest.mark.gpu
@@ -412,3 +483,30 @@ def test_gpu_search_matches_cpu(tmp_path):
         a = [[h.tracklet_id for h in r] for r in cpu.search(gallery[:16], 50, **kwargs)]
         b = [[h.tracklet_id for h in r] for r in gpu.search(gallery[:16], 50, **kwargs)]
         assert a == b
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_gpu_overfetch_logic_on_a_cpu_stand_in(tmp_path, monkeypatch, index_type):
+    """The GPU path (no selectors: over-fetch, filter, grow) run against the CPU index, so its
+    merging logic is checked on machines without a GPU; results must equal the CPU path's."""
+    rng = np.random.default_rng(9)
+    gallery = rng.standard_normal((1000, DIM)).astype(np.float32)
+    items = [
+        GalleryItem(f"g{i}", Modality(i % 2), 7 if i % 50 == 0 else i % 3) for i in range(1000)
+    ]
+    index = new_index(tmp_path / "idx", index_type=index_type, device="cpu", nprobe=1)
+    index.add(items, gallery)
+    if index_type == "ivf":
+        index.nprobe = 1000  # exact, so both paths must agree exactly
+    queries = gallery[:12]
+    expected = {
+        key: [[h.tracklet_id for h in r] for r in index.search(queries, 30, **kw)]
+        for key, kw in {"all": {}, "vis": {"modality": "visible"}, "cam7": {"camids": [7]}}.items()
+    }
+    vindex = index._vindex
+    monkeypatch.setattr(vindex, "_gpu_index", lambda: vindex.index)
+    vindex.use_gpu = True
+    for key, kw in {"all": {}, "vis": {"modality": "visible"}, "cam7": {"camids": [7]}}.items():
+        got = [[h.tracklet_id for h in r] for r in index.search(queries, 30, **kw)]
+        assert got == expected[key], key
+    assert [len(r) for r in index.search(queries, 30, camids=[7])] == [20] * 12  # all 20 exist

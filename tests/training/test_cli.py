@@ -54,7 +54,7 @@ def test_eval_cli_prints_report_and_draws_pictures(vcm, checkpoint, tmp_path, ca
         assert 0 <= metrics["R1"] <= metrics["R5"] <= metrics["R10"] <= 100
         assert ("R20" in metrics) == (metrics["num_gallery"] >= 20)  # CMC stops at the gallery size
         assert metrics["num_queries"] > 0
-    assert any("same pid and camid" in note for note in report["protocol"])
+    assert any("query's pid and camid" in note for note in report["protocol"])
     assert report["method"] == "baseline" and report["fingerprint"]
     saved = json.loads((out / "report.json").read_text())
     assert saved["directions"] == report["directions"]

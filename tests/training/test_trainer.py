@@ -1,0 +1,181 @@
+"""The trainer on CPU with the smoke recipe and synthetic data: every method trains, a killed run
+resumes to the same weights, and failures (non-finite loss, full disk) keep the last checkpoint."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import load_checkpoint, read_checkpoint_metadata
+from training.cli import main
+from training.config import load_config
+from training.data.synth import synthesize
+from training.metrics_log import read_metrics
+from training.trainer import NonFiniteLossError, Trainer, TrainingError
+
+SHORT = ["optim.epochs=2", "optim.iters_per_epoch=3", "optim.schedule.t_initial=2", "eval.every=1"]
+
+
+def _dataset(factory, name: str, **kw) -> Path:
+    root = factory.getbasetemp() / f"synth-{name}"
+    if not (root / ".done").exists():
+        synthesize(root, **kw)
+        (root / ".done").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vcm(tmp_path_factory) -> Path:
+    return _dataset(tmp_path_factory, "vcm-small", fmt="hitsz-vcm", ids=8, cameras=2, seed=3,
+                    frames=(12, 13), image_size=(64, 32))
+
+
+def _fit(root: Path, out: Path, sets: list[str], **kw) -> dict:
+    config = load_config("smoke", sets)
+    return Trainer(config, root, out, device="cpu", **kw).fit()
+
+
+def _train_records(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)
+            if r["kind"] in ("train", "epoch", "eval") and "seconds" not in r]
+
+
+@pytest.mark.parametrize("method, terms", [
+    ("vld", {"ce_cls", "ce_proj", "wrt_last", "wrt_cls", "wrt_proj", "v2t", "ce_sta", "wrt_sta"}),
+    ("xreid", {"ce_clip", "tri_f", "tri_p", "cpcl_vis", "cpcl_ir", "ce_mii", "tri_o", "cmcl"}),
+])
+def test_each_method_trains_two_iterations(vcm, tmp_path, method, terms):
+    run = tmp_path / method
+    report = _fit(vcm, run, [f"model.method={method}", "optim.epochs=1", "optim.iters_per_epoch=2"])
+    assert set(report["directions"]) == {"ir_to_vis", "vis_to_ir"}
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [0, 1]
+    assert terms <= set(train[0]), sorted(train[0])
+    model = load_checkpoint(run / "model.safetensors")
+    assert model.config.method == method and model.config.num_classes == 4
+    assert read_checkpoint_metadata(run / "model.safetensors")["extra"]["epoch"] == 1
+
+
+def test_killed_run_resumes_to_the_same_weights(vcm, tmp_path, monkeypatch, capsys):
+    sets = [*SHORT, "augment=vld"]  # random augmentation: the data RNG must be restored too
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _fit(vcm, whole, sets)
+
+    original = Trainer.train_step
+
+    def crash_in_epoch_2(self, batch, epoch, iteration):
+        if epoch == 1 and iteration == 1:
+            raise KeyboardInterrupt  # what Ctrl-C or a preempted job looks like
+        return original(self, batch, epoch, iteration)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_in_epoch_2)
+    args = ["fit", "--config", "smoke", "--data-root", str(vcm), "--out", str(killed),
+            "--device", "cpu", *[x for s in sets for x in ("--set", s)]]
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and json.loads((killed / "run.json").read_text())["status"] == "failed"
+
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert main(["fit", "--out", str(killed), "--data-root", str(vcm), "--resume",
+                 "--device", "cpu"]) == 0
+    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _train_records(whole) == _train_records(killed)  # resumed logs read like one run
+    report_a = json.loads((whole / "report.json").read_text())
+    report_b = json.loads((killed / "report.json").read_text())
+    assert report_a["directions"] == report_b["directions"]
+    info = json.loads((killed / "run.json").read_text())
+    assert info["status"] == "finished" and info["sessions"][1]["resumed_at_epoch"] == 1
+    assert (killed / "config.yaml").exists() and "git_sha" in info
+
+
+def test_resume_refuses_another_config(vcm, tmp_path, capsys):
+    run = tmp_path / "run"
+    _fit(vcm, run, ["optim.epochs=1", "optim.iters_per_epoch=1"])
+    rc = main(["fit", "--out", str(run), "--data-root", str(vcm), "--resume", "--device", "cpu",
+               "--set", "optim.lr=0.5"])
+    assert rc == 2
+    assert "optim.lr (run: 0.001, now: 0.5)" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="already holds a run"):
+        _fit(vcm, run, ["optim.epochs=1"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(vcm, tmp_path, monkeypatch):
+    from training.objectives.vld import VLDObjective
+
+    calls = {"n": 0}
+    original = VLDObjective.__call__
+
+    def poisoned(self, out, batch):
+        terms = original(self, out, batch)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, iteration 2 (3 iterations per epoch)
+            terms["wrt_cls"] = terms["wrt_cls"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(VLDObjective, "__call__", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, iteration 2: term 'wrt_cls' is nan"):
+        _fit(vcm, run, SHORT)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert read_checkpoint_metadata(run / "model.safetensors")["extra"]["epoch"] == 1
+
+
+def test_full_disk_reports_clearly_and_keeps_the_previous_checkpoint(vcm, tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_full(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            with open(path, "wb") as handle:  # a partial write, then the disk is full
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "save", save_until_full)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"disk full .* the checkpoint of epoch 1 is intact"):
+        _fit(vcm, run, SHORT)
+    monkeypatch.setattr(trainer_module.torch, "save", real_save)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]  # no temp left
+
+
+def test_select_best_on_test_is_explicit_and_named(vcm, tmp_path):
+    run = tmp_path / "run"
+    report = _fit(vcm, run, SHORT, select_best_on_test=True)
+    selection = report["selection"]
+    assert selection["rule"] == "best_on_test" and "test set" in selection["note"]
+    scores = [h["ir_to_vis/R1"] for h in report["history"]]
+    best = max(range(len(scores)), key=lambda i: (scores[i], i)) + 1  # ties: the later epoch
+    assert selection["epoch"] == best
+    assert (run / "best.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+    assert report["directions"]["ir_to_vis"]["R1"] == round(100 * scores[best - 1], 2)
+    default = _fit(vcm, tmp_path / "default", SHORT)
+    assert default["selection"]["rule"] == "final" and not (tmp_path / "default" / "best.safetensors").exists()
+
+
+def test_bupt_aligned_pairs_train_and_evaluate_without_camera_filter(tmp_path_factory, tmp_path):
+    root = _dataset(tmp_path_factory, "bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
+                    frames=(8, 10), image_size=(64, 32))
+    run = tmp_path / "bupt"
+    report = _fit(root, run, ["data.format=bupt", "data.train_sampling=random_sorted",
+                              "data.pair_flip=true", "augment=vld", "optim.epochs=1",
+                              "optim.iters_per_epoch=2"])
+    assert report["dataset"] == "bupt"
+    assert any("none (BUPTCampus rule)" in note for note in report["protocol"])
+    assert any("uniform" in note for note in report["protocol"])
+    assert [r["iteration"] for r in read_metrics(run) if r["kind"] == "train"] == [0, 1]
+    with pytest.raises(TrainingError, match="tracklets_per_id must be 2"):
+        _fit(root, tmp_path / "bad", ["data.format=bupt", "data.tracklets_per_id=3"])
