@@ -147,7 +147,7 @@ def test_metrics_expose_requests_latency_batches_and_queue(client, tiny_gallery:
     text = client.get("/metrics").text
     assert 'vvireid_http_requests_total{route="/v1/query",method="POST",status="200"}' in text
     # Unknown ids are counted under the route template, not one series per id.
-    assert 'route="/v1/tracklets/{tracklet_id}/thumbnail",method="GET",status="404"' in text
+    assert 'route="/v1/tracklets/{tracklet_id:path}/thumbnail",method="GET",status="404"' in text
     assert 'vvireid_http_request_duration_seconds_bucket{route="/v1/query",le="+Inf"}' in text
     assert "vvireid_batch_size_count" in text
     assert 'vvireid_stage_duration_seconds_count{stage="encode"}' in text
