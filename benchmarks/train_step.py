@@ -4,11 +4,11 @@ Usage::
 
     python benchmarks/train_step.py --method vld --device cuda --precision bf16 --iters 20
     python benchmarks/train_step.py --method both --device cpu --precision fp32 --iters 1 \\
-        --warmup 0 --batch-ids 1 --num-classes 16 --data-batches 2
+        --warmup 0 --batch-ids 2 --num-classes 16 --data-batches 2
 
 Compute: the recipe's model (ViT-B/16 at 288x144, random init: weights do not change the cost),
 objective, optimiser groups and precision; in-memory random clips of the recipe's batch
-(``--batch-ids`` shrinks it); timed over ``--iters`` steps of forward + loss + backward +
+(``--batch-ids`` shrinks it; at least 2, since the batch losses need two identities); timed over ``--iters`` steps of forward + loss + backward +
 objective hook + optimiser step, after ``--warmup`` untimed steps. ``--num-classes`` sets the
 identity count (500 = HITSZ-VCM's training ids; VLD's text prompts run once per class per step).
 
@@ -66,15 +66,16 @@ def _sync(device: torch.device) -> None:
 def bench_compute(method: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = load_config(RECIPES[method], ["model.pretrained=null"])
     m, data = config.model, config.data
-    ids = args.batch_ids or data.ids_per_batch
+    ids = max(2, args.batch_ids or data.ids_per_batch)  # batch losses need two identities
     model = create_model(m.method, args.num_classes, backbone=m.backbone,
                          image_size=tuple(m.image_size), seq_len=m.seq_len,
                          num_cameras=args.num_cameras, **m.options).to(device)
     objective = create_objective(m.method, model, config.loss)
     state = objective.state_dict()
     if state:  # prototype memories: unit rows instead of an epoch pass over a dataset
-        objective.load_state_dict({k: torch.nn.functional.normalize(torch.randn_like(v), dim=1)
-                                   if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+        memories = {k: torch.nn.functional.normalize(torch.randn_like(v), dim=1)
+                    for k, v in state.items() if isinstance(v, torch.Tensor)}
+        objective.load_state_dict({**state, **memories, "memories_ready": True})
     optimizer = create_optimizer(model, config.optim)
     create_scheduler(optimizer, config.optim).set_epoch(5)
     batch = synthetic_batch(ids, data.tracklets_per_id, m.seq_len, tuple(m.image_size),
@@ -123,7 +124,7 @@ def bench_data(method: str, args: argparse.Namespace, root: Path) -> dict:
     config = load_config(RECIPES[method], ["model.pretrained=null"])
     m, data = config.model, config.data
     splits = load_dataset("hitsz-vcm", root)
-    ids = min(args.batch_ids or data.ids_per_batch, splits.num_train_pids)
+    ids = min(max(2, args.batch_ids or data.ids_per_batch), splits.num_train_pids)
     sampler = CrossModalityIdentitySampler.from_splits(
         splits, ids, data.tracklets_per_id, args.data_batches, seed=0)
     transform = build_train_transform(config.augment, tuple(m.image_size))

@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import load_checkpoint, read_checkpoint_metadata
+from model.types import Modality
 from training.cli import main
 from training.config import load_config
 from training.data.synth import synthesize
+from training.evaluation import distance_matrix, evaluate
 from training.metrics_log import read_metrics
+from training.report import encode_tracklets
 from training.trainer import NonFiniteLossError, Trainer, TrainingError
 
 SHORT = ["optim.epochs=2", "optim.iters_per_epoch=3", "optim.schedule.t_initial=2", "eval.every=1"]
@@ -41,6 +44,55 @@ def _fit(root: Path, out: Path, sets: list[str], **kw) -> dict:
 def _train_records(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)
             if r["kind"] in ("train", "epoch", "eval") and "seconds" not in r]
+
+
+def _mAP(model, tracklets, query: Modality, gallery: Modality) -> float:
+    """mAP of ``query``-modality tracklets against ``gallery``-modality ones (VCM camera rule)."""
+    feats = encode_tracklets(model, tracklets, model.preprocess, device=torch.device("cpu"))
+    q = [i for i, t in enumerate(tracklets) if t.modality == query]
+    g = [i for i, t in enumerate(tracklets) if t.modality == gallery]
+    dist = distance_matrix(feats[q], feats[g], model.similarity)
+    result = evaluate(dist, [tracklets[i].pid for i in q], [tracklets[i].pid for i in g],
+                      [tracklets[i].camid for i in q], [tracklets[i].camid for i in g],
+                      filter_same_camera=True)  # also removes a tracklet matched with itself
+    return result.mAP
+
+
+def _learning_metrics(trainer: Trainer) -> dict[str, float]:
+    splits = trainer.splits
+    test = splits.query["ir_to_vis"] + splits.gallery["ir_to_vis"]
+    vis, ir = Modality.VISIBLE, Modality.INFRARED
+    return {
+        "cross_train": (_mAP(trainer.model, splits.train, ir, vis)
+                        + _mAP(trainer.model, splits.train, vis, ir)) / 2,
+        "same_heldout": (_mAP(trainer.model, test, ir, ir) + _mAP(trainer.model, test, vis, vis)) / 2,
+        "cross_heldout": (_mAP(trainer.model, test, ir, vis) + _mAP(trainer.model, test, vis, ir)) / 2,
+    }
+
+
+def test_smoke_recipe_learns(tmp_path_factory, tmp_path):
+    """300 iterations of the smoke recipe (baseline, tiny random-init ViT, 64x32) on 20 synthetic
+    training identities, 20 held-out ones.
+
+    Measured (2-core CPU, ~30 s), untrained -> trained, dataset seeds 0 / 1 / 2: cross-modal mAP
+    on the training identities 0.09 -> 0.86 / 0.08 -> 0.71 / 0.10 -> 0.74; same-modality mAP on
+    the held-out identities 0.13 -> 0.22 / 0.16 -> 0.25 / 0.15 -> 0.22. Cross-modal mAP on the
+    held-out identities stays at chance (0.11 -> 0.10 / 0.08 -> 0.09 / 0.08 -> 0.06): from random
+    initialisation the tiny model memorises each identity's visible/infrared pairing but learns no
+    modality-invariant feature that transfers (1,500 iterations on 100 identities did not either);
+    transfer across modalities needs CLIP weights (the full recipes).
+    """
+    root = _dataset(tmp_path_factory, "vcm-learn", fmt="hitsz-vcm", ids=40, cameras=3, seed=0,
+                    frames=(12, 14), image_size=(64, 32))
+    trainer = Trainer(load_config("smoke"), root, tmp_path / "run", device="cpu")
+    before = _learning_metrics(trainer)
+    report = trainer.fit()
+    after = _learning_metrics(trainer)
+    assert after["cross_train"] >= before["cross_train"] + 0.4, (before, after)
+    assert after["same_heldout"] >= before["same_heldout"] + 0.05, (before, after)
+    assert report["directions"]["ir_to_vis"]["num_queries"] > 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
+    assert losses[-1] < 0.5 * losses[0]
 
 
 @pytest.mark.parametrize("method, terms", [
