@@ -118,11 +118,27 @@ def serve(checkpoint: Path, index: Path, data: Path) -> int:
                        "--host", host, "--port", port])
 
 
-def print_metrics(report: dict) -> None:
-    for direction, metrics in report.get("directions", report).items():
-        if isinstance(metrics, dict) and "mAP" in metrics:
-            log.info("%-10s R1 %.1f%%  mAP %.1f%%  (chance R1 about %.1f%%)", direction,
-                     100 * metrics["R1"], 100 * metrics["mAP"], 100 * metrics.get("chance_R1", 0))
+def chance_r1(data: Path) -> dict[str, float]:
+    """Expected R1 of a random ranking per direction: mean share of positives in the gallery."""
+    from training.data import load_dataset
+
+    splits = load_dataset(DATASET_FORMAT, data)
+    chance = {}
+    for direction, queries in splits.query.items():
+        gallery = splits.gallery[direction]
+        shares = [
+            sum(g.pid == q.pid and g.camid != q.camid for g in gallery) / len(gallery)
+            for q in queries
+        ]
+        chance[direction] = 100 * sum(shares) / max(len(shares), 1)
+    return chance
+
+
+def print_metrics(report: dict, chance: dict[str, float]) -> None:
+    """One line per direction: R1 and mAP (percent) next to what chance would give."""
+    for direction, metrics in report["directions"].items():
+        log.info("%-10s R1 %5.1f%%  mAP %5.1f%%   (chance R1 about %.1f%%)", direction,
+                 metrics["R1"], metrics["mAP"], chance.get(direction, 0.0))
 
 
 def main() -> int:
@@ -131,7 +147,7 @@ def main() -> int:
     data, run, index = root / "data", root / "run", root / "index"
     make_dataset(data)
     checkpoint = train(data, run)
-    print_metrics(evaluate(checkpoint, data, root / "eval"))
+    print_metrics(evaluate(checkpoint, data, root / "eval"), chance_r1(data))
     build_index(checkpoint, data, index)
     if os.environ.get("VVIREID_DEMO_SERVE", "1") == "0":
         return 0

@@ -7,9 +7,9 @@ per pixel: skin, hair, upper, lower, shoes, bag ...) and then coloured per modal
 
 * visible: the clothing colours over a muted, camera-specific street scene, per-tracklet
   illumination gain and colour cast, soft side lighting, sensor noise;
-* infrared: thermal-like intensities. Skin is bright (body heat); clothing takes a per-identity
-  *emissivity* drawn independently of its visible colour (a dark shirt can be bright in IR and a
-  white one dark); dye patterns barely show; the scene is cold with a few warm objects; thermal
+* infrared: thermal-like intensities. Skin is bright (body heat); clothing takes the *emissivity*
+  of its dye, a fixed non-monotonic function of the visible colour that is anti-correlated with
+  luminance (a dark shirt is bright in IR and a white one dark); dye patterns barely show; the scene is cold with a few warm objects; thermal
   blur, column (fixed-pattern) noise, grey 3-channel output.
 
 Shape, carried items, gait and each identity's IR signature stay learnable across modalities,
@@ -86,24 +86,36 @@ def _visible_palette(rng: np.random.Generator) -> np.ndarray:
     return visible.astype(np.float32)
 
 
-def _thermal_palette(rng: np.random.Generator) -> np.ndarray:
-    """Skin radiates body heat; clothing by an emissivity unrelated to its dye."""
+def _emissivity(rgb: np.ndarray) -> float:
+    """Thermal intensity of a dyed fabric: a fixed, non-monotonic function of its visible colour.
+
+    Dark dyes absorb and re-radiate (bright in IR), light ones reflect the cold scene (dark), and
+    the hue shifts it further, so the IR image is anti-correlated with visible luminance (raw pixel
+    matching fails) while the mapping stays the same for everyone (a model can learn it).
+    """
+    value = float(rgb.max()) / 255.0
+    low = float(rgb.min()) / 255.0
+    sat = 0.0 if value == 0 else (value - low) / value
+    hue = math.atan2(math.sqrt(3) * (rgb[1] - rgb[2]), 2 * rgb[0] - rgb[1] - rgb[2])
+    return 215.0 - 150.0 * value + 45.0 * sat * math.cos(hue - 0.6)
+
+
+def _thermal_palette(rng: np.random.Generator, visible: np.ndarray) -> np.ndarray:
+    """Skin radiates body heat; clothing by the emissivity of its dye, plus a little material noise."""
     infrared = np.zeros(NUM_CODES)
     infrared[SKIN] = rng.uniform(205, 245)
     infrared[HAIR] = rng.uniform(55, 110)
-    infrared[UPPER] = rng.uniform(70, 210)
-    infrared[UPPER2] = np.clip(infrared[UPPER] + rng.choice([-1, 1]) * rng.uniform(8, 25), 0, 255)
-    infrared[LOWER] = rng.uniform(70, 200)
-    infrared[LOWER2] = np.clip(infrared[LOWER] + rng.uniform(-12, 12), 0, 255)
+    for part in (UPPER, UPPER2, LOWER, LOWER2, BAG):
+        infrared[part] = _emissivity(visible[part]) + rng.uniform(-10, 10)
     infrared[SHOES] = rng.uniform(45, 100)
-    infrared[BAG] = rng.uniform(50, 190)
-    return infrared.astype(np.float32)
+    return np.clip(infrared, 0, 255).astype(np.float32)
 
 
 def make_identity(seed: int, pid: int) -> Identity:
     """Draw one identity; the same (seed, pid) always gives the same person."""
     rng = seeded_rng(seed, "identity", pid)
-    visible, infrared = _visible_palette(rng), _thermal_palette(rng)
+    visible = _visible_palette(rng)
+    infrared = _thermal_palette(rng, visible)
     return Identity(
         pid=pid,
         height=rng.uniform(0.78, 0.95),
