@@ -103,7 +103,7 @@ def send_curl_as_httpx(argv: list[str], workdir: Path) -> httpx.Response:
     """Send what the printed curl command sends (multipart fields and files) with httpx."""
     url = argv[-1]
     data, files = {}, []
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in zip(argv, argv[1:], strict=False):
         if flag != "-F":
             continue
         key, _, field = value.partition("=")
