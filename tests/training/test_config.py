@@ -11,7 +11,7 @@ from training.config import (
     load_config,
 )
 
-RECIPES = ["baseline_bupt", "baseline_hitsz_vcm", "smoke", "vld_bupt", "vld_hitsz_vcm",
+RECIPES = ["baseline_bupt", "baseline_hitsz_vcm", "demo", "smoke", "vld_bupt", "vld_hitsz_vcm",
            "xreid_bupt", "xreid_hitsz_vcm"]
 
 
