@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TINY_MODEL = "vvireid-tiny"
+# Small configs trained from random init (the demo) whose patchify is a convolutional stem: a plain
+# ViT from scratch cannot learn a cross-modal re-ID feature in CPU minutes, an early-convolution one
+# can (Xiao et al., "Early Convolutions Help Transformers See Better", 2021). CLIP configs never get it.
+CONV_STEM_MODELS = frozenset({"vvireid-demo"})
 # Keys of OpenAI's TorchScript state dict that are scalars, not weights.
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
@@ -111,6 +115,25 @@ def _state_dict_from_tag(name: str, tag: str) -> dict[str, torch.Tensor]:
     return clip.state_dict()
 
 
+class ConvStem(nn.Sequential):
+    """Patchify by stride-2 3x3 convolutions (BN, ReLU) and a 1x1 projection: same token grid as a
+    ``patch x patch`` stride-``patch`` convolution, with the locality prior a from-scratch ViT lacks.
+    """
+
+    def __init__(self, width: int, patch: int) -> None:
+        steps = patch.bit_length() - 1
+        if patch < 2 or 1 << steps != patch:
+            raise ValueError(f"conv stem needs a power-of-two patch size, got {patch}")
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(steps):
+            out = min(width, 16 << i)
+            layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        super().__init__(*layers)
+
+
 class ClipBackbone(nn.Module):
     """CLIP ViT visual tower (and optionally the text tower) with a block-by-block forward.
 
@@ -132,6 +155,9 @@ class ClipBackbone(nn.Module):
             name, pretrained=None, force_image_size=tuple(image_size), force_quick_gelu=True
         )
         self.visual = clip.visual
+        if name in CONV_STEM_MODELS:
+            patch = self.visual.conv1.kernel_size[0]
+            self.visual.conv1 = ConvStem(self.visual.conv1.out_channels, patch)
         self.text = None
         if with_text:
             from model.text import TextTower
@@ -193,6 +219,11 @@ class ClipBackbone(nn.Module):
         Raises:
             WeightsError: the file is missing, corrupt, or holds weights of another architecture.
         """
+        if self.name in CONV_STEM_MODELS:
+            raise WeightsError(
+                f"{source}: backbone {self.name} has a convolutional patch stem and trains from "
+                "random init; CLIP weights need a CLIP ViT config such as ViT-B-16"
+            )
         path = Path(source)
         if path.suffix or path.exists() or "/" in str(source):
             state, label = read_state_dict(path), str(path)

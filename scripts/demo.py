@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger("vvireid.demo")
 
 DATASET_FORMAT = "hitsz-vcm"
-DEMO_IDS = 40
+DEMO_IDS = 200
 DEMO_CAMERAS = 4
 RECIPE = "demo"
 

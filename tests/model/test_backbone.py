@@ -195,3 +195,18 @@ def test_not_a_clip_checkpoint_and_missing_file_raise(tmp_path: Path) -> None:
         backbone.load_weights(other)
     with pytest.raises(WeightsError, match="missing.safetensors"):
         backbone.load_weights(tmp_path / "missing.safetensors")
+
+
+def test_demo_backbone_has_a_conv_stem_with_the_vit_token_grid(tmp_path: Path) -> None:
+    """vvireid-demo: same tokens as the tiny ViT (CLS + 4x2 patches at 64x32), a trainable
+    convolutional patchify, and a clear refusal of CLIP weights it cannot hold."""
+    demo, tiny = ClipBackbone("vvireid-demo", IMAGE_SIZE), ClipBackbone(TINY_MODEL, IMAGE_SIZE)
+    frames = torch.randn(3, 3, *IMAGE_SIZE)
+    tokens = demo(frames)
+    assert tokens.shape == tiny(frames).shape == (3, 1 + GRID[0] * GRID[1], demo.width)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in demo.visual.conv1.modules())
+    tokens.sum().backward()
+    assert all(p.grad is not None for p in demo.visual.conv1.parameters())
+    path = write_weights("safetensors", {"visual.conv1.weight": torch.zeros(64, 3, 16, 16)}, tmp_path)
+    with pytest.raises(WeightsError, match="convolutional patch stem"):
+        demo.load_weights(path)

@@ -70,26 +70,26 @@ def _learning_metrics(trainer: Trainer) -> dict[str, float]:
     }
 
 
-def test_smoke_recipe_learns(tmp_path_factory, tmp_path):
-    """300 iterations of the smoke recipe (baseline, tiny random-init ViT, 64x32) on 20 synthetic
-    training identities, 20 held-out ones.
+def test_smoke_recipe_learns_a_cross_modal_feature_that_transfers(tmp_path_factory, tmp_path):
+    """600 iterations of the smoke recipe (baseline, vvireid-demo backbone, 64x32) on 100 synthetic
+    training identities; the feature must also match the 100 held-out identities across modalities.
 
-    Measured (2-core CPU, ~30 s), untrained -> trained, dataset seeds 0 / 1 / 2: cross-modal mAP
-    on the training identities 0.09 -> 0.86 / 0.08 -> 0.71 / 0.10 -> 0.74; same-modality mAP on
-    the held-out identities 0.13 -> 0.22 / 0.16 -> 0.25 / 0.15 -> 0.22. Cross-modal mAP on the
-    held-out identities stays at chance (0.11 -> 0.10 / 0.08 -> 0.09 / 0.08 -> 0.06): from random
-    initialisation the tiny model memorises each identity's visible/infrared pairing but learns no
-    modality-invariant feature that transfers (1,500 iterations on 100 identities did not either);
-    transfer across modalities needs CLIP weights (the full recipes).
+    Measured (2-core CPU, ~45 s of training), untrained -> trained mAP: cross-modal on held-out
+    identities 0.024 -> 0.076, same-modality on held-out 0.039 -> 0.273, cross-modal on training
+    identities 0.021 -> 0.456.
+    A plain random-init ViT (vvireid-tiny) stays at chance on held-out cross-modal matching with the
+    same budget; the convolutional patch stem is what makes the smoke/demo models learn.
     """
-    root = _dataset(tmp_path_factory, "vcm-learn", fmt="hitsz-vcm", ids=40, cameras=3, seed=0,
+    root = _dataset(tmp_path_factory, "vcm-learn", fmt="hitsz-vcm", ids=200, cameras=3, seed=0,
                     frames=(12, 14), image_size=(64, 32))
     trainer = Trainer(load_config("smoke"), root, tmp_path / "run", device="cpu")
     before = _learning_metrics(trainer)
     report = trainer.fit()
     after = _learning_metrics(trainer)
-    assert after["cross_train"] >= before["cross_train"] + 0.4, (before, after)
-    assert after["same_heldout"] >= before["same_heldout"] + 0.05, (before, after)
+    assert after["cross_heldout"] >= before["cross_heldout"] + 0.03, (before, after)
+    assert after["cross_heldout"] >= 2 * before["cross_heldout"], (before, after)
+    assert after["cross_train"] >= before["cross_train"] + 0.3, (before, after)
+    assert after["same_heldout"] >= before["same_heldout"] + 0.15, (before, after)
     assert report["directions"]["ir_to_vis"]["num_queries"] > 0
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
     assert losses[-1] < 0.5 * losses[0]
