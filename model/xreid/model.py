@@ -150,7 +150,13 @@ class XReID(ReIDModel):
 
     # ---- construction ------------------------------------------------------------------------
     def _freeze_patch_embed(self) -> None:
-        """Freeze the patch projection ``conv1`` ("for stability", as the official code)."""
+        """Freeze the patch projection ``conv1`` ("for stability", as the official code).
+
+        A convolutional stem (``vvireid-demo``, random init) stays trainable: freezing it would
+        freeze random features, not pretrained ones.
+        """
+        if not isinstance(self.backbone.visual.conv1, nn.Conv2d):
+            return
         for param in self.backbone.visual.conv1.parameters():
             param.requires_grad_(False)
 
