@@ -17,6 +17,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.data import DatasetSplits
 
 log = logging.getLogger("vvireid.demo")
 
@@ -93,21 +97,25 @@ def build_index(checkpoint: Path, data: Path, index: Path) -> None:
         raise SystemExit("demo: index build failed (see the messages above)")
 
 
-def example_query(data: Path) -> tuple[list[Path], int]:
-    """Frames of one infrared test tracklet (the default ir_to_vis query) and its pid."""
+def load_splits(data: Path) -> DatasetSplits:
+    """The demo dataset's splits, read once and shared by the chance figure and the example query."""
     from training.data import load_dataset
 
-    splits = load_dataset(DATASET_FORMAT, data)
+    return load_dataset(DATASET_FORMAT, data)
+
+
+def example_query(splits: DatasetSplits) -> tuple[list[Path], int]:
+    """Frames of one infrared test tracklet (the default ir_to_vis query) and its pid."""
     query = splits.query["ir_to_vis"][0]
     return [Path(f) for f in query.frames[:6]], int(query.pid)
 
 
-def serve(checkpoint: Path, index: Path, data: Path) -> int:
+def serve(checkpoint: Path, index: Path, splits: DatasetSplits) -> int:
     from server.cli import main as serve_main
 
     host = os.environ.get("VVIREID_HOST", "127.0.0.1")
     port = os.environ.get("VVIREID_PORT", "8000")
-    frames, pid = example_query(data)
+    frames, pid = example_query(splits)
     parts = " ".join(f"-F frames=@{shlex.quote(str(f))}" for f in frames)
     log.info("web page:  http://%s:%s/", host, port)
     log.info(
@@ -118,11 +126,8 @@ def serve(checkpoint: Path, index: Path, data: Path) -> int:
                        "--host", host, "--port", port])
 
 
-def chance_r1(data: Path) -> dict[str, float]:
+def chance_r1(splits: DatasetSplits) -> dict[str, float]:
     """Expected R1 of a random ranking per direction: mean share of positives in the gallery."""
-    from training.data import load_dataset
-
-    splits = load_dataset(DATASET_FORMAT, data)
     chance = {}
     for direction, queries in splits.query.items():
         gallery = splits.gallery[direction]
@@ -147,11 +152,12 @@ def main() -> int:
     data, run, index = root / "data", root / "run", root / "index"
     make_dataset(data)
     checkpoint = train(data, run)
-    print_metrics(evaluate(checkpoint, data, root / "eval"), chance_r1(data))
+    splits = load_splits(data)
+    print_metrics(evaluate(checkpoint, data, root / "eval"), chance_r1(splits))
     build_index(checkpoint, data, index)
     if os.environ.get("VVIREID_DEMO_SERVE", "1") == "0":
         return 0
-    return serve(checkpoint, index, data)
+    return serve(checkpoint, index, splits)
 
 
 if __name__ == "__main__":

@@ -289,8 +289,6 @@ class Trainer:
         select_best_on_test: keep the epoch with the best test ir_to_vis R1 (official practice,
             optimistic: the test set chooses the model); default is the final epoch.
         dist: process-group info (default: initialised from the environment).
-        splits: train on these splits instead of reading ``data_root`` (tests, notebooks, custom
-            protocols); ``data_root`` is then only recorded.
     """
 
     def __init__(
@@ -304,7 +302,6 @@ class Trainer:
         resume: bool = False,
         select_best_on_test: bool = False,
         dist: DistInfo | None = None,
-        splits: DatasetSplits | None = None,
     ) -> None:
         self.config = config
         self.data_root = Path(data_root).expanduser()
@@ -323,7 +320,7 @@ class Trainer:
         self.last_eval_epoch = -1
         self._check_run_dir()
         seed_everything(config.seed, config.deterministic)
-        self.splits = splits if splits is not None else self._load_dataset()
+        self.splits = self._load_dataset()
         self._build()
         if resume:
             self._load_resume()

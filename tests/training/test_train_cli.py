@@ -10,22 +10,6 @@ from PIL import Image
 from model.checkpoint import save_checkpoint
 from model.factory import create_model
 from training.cli import main
-from training.data.synth import synthesize
-
-
-def _dataset(factory, name: str, **kw) -> Path:
-    """A synthetic dataset shared by the tests of this session (built once per name)."""
-    root = factory.getbasetemp() / f"synth-{name}"
-    if not (root / ".done").exists():
-        synthesize(root, **kw)
-        (root / ".done").write_text("ok")
-    return root
-
-
-@pytest.fixture(scope="module")
-def vcm(tmp_path_factory) -> Path:
-    return _dataset(tmp_path_factory, "vcm-small", fmt="hitsz-vcm", ids=8, cameras=2, seed=3,
-                    frames=(12, 13), image_size=(64, 32))
 
 
 @pytest.fixture()

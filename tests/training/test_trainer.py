@@ -13,7 +13,6 @@ from model.checkpoint import load_checkpoint, read_checkpoint_metadata
 from model.types import Modality
 from training.cli import main
 from training.config import load_config
-from training.data.synth import synthesize
 from training.evaluation import distance_matrix, evaluate
 from training.metrics_log import read_metrics
 from training.report import encode_tracklets
@@ -22,18 +21,6 @@ from training.trainer import NonFiniteLossError, Trainer, TrainingError
 SHORT = ["optim.epochs=2", "optim.iters_per_epoch=3", "optim.schedule.t_initial=2", "eval.every=1"]
 
 
-def _dataset(factory, name: str, **kw) -> Path:
-    root = factory.getbasetemp() / f"synth-{name}"
-    if not (root / ".done").exists():
-        synthesize(root, **kw)
-        (root / ".done").write_text("ok")
-    return root
-
-
-@pytest.fixture(scope="module")
-def vcm(tmp_path_factory) -> Path:
-    return _dataset(tmp_path_factory, "vcm-small", fmt="hitsz-vcm", ids=8, cameras=2, seed=3,
-                    frames=(12, 13), image_size=(64, 32))
 
 
 def _fit(root: Path, out: Path, sets: list[str], **kw) -> dict:
@@ -70,7 +57,7 @@ def _learning_metrics(trainer: Trainer) -> dict[str, float]:
     }
 
 
-def test_smoke_recipe_learns_a_cross_modal_feature_that_transfers(tmp_path_factory, tmp_path):
+def test_smoke_recipe_learns_a_cross_modal_feature_that_transfers(synth_dataset, tmp_path):
     """600 iterations of the smoke recipe (baseline, vvireid-demo backbone, 64x32) on 100 synthetic
     training identities; the feature must also match the 100 held-out identities across modalities.
 
@@ -80,8 +67,8 @@ def test_smoke_recipe_learns_a_cross_modal_feature_that_transfers(tmp_path_facto
     A plain random-init ViT (vvireid-tiny) stays at chance on held-out cross-modal matching with the
     same budget; the convolutional patch stem is what makes the smoke/demo models learn.
     """
-    root = _dataset(tmp_path_factory, "vcm-learn", fmt="hitsz-vcm", ids=200, cameras=3, seed=0,
-                    frames=(12, 14), image_size=(64, 32))
+    root = synth_dataset("vcm-learn", fmt="hitsz-vcm", ids=200, cameras=3, seed=0,
+                          frames=(12, 14), image_size=(64, 32))
     trainer = Trainer(load_config("smoke"), root, tmp_path / "run", device="cpu")
     before = _learning_metrics(trainer)
     report = trainer.fit()
@@ -218,9 +205,9 @@ def test_select_best_on_test_is_explicit_and_named(vcm, tmp_path):
     assert default["selection"]["rule"] == "final" and not (tmp_path / "default" / "best.safetensors").exists()
 
 
-def test_bupt_aligned_pairs_train_and_evaluate_without_camera_filter(tmp_path_factory, tmp_path):
-    root = _dataset(tmp_path_factory, "bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
-                    frames=(8, 10), image_size=(64, 32))
+def test_bupt_aligned_pairs_train_and_evaluate_without_camera_filter(synth_dataset, tmp_path):
+    root = synth_dataset("bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
+                          frames=(8, 10), image_size=(64, 32))
     run = tmp_path / "bupt"
     report = _fit(root, run, ["data.format=bupt", "data.train_sampling=random_sorted",
                               "data.pair_flip=true", "augment=vld", "optim.epochs=1",

@@ -9,8 +9,9 @@ per pixel: skin, hair, upper, lower, shoes, bag ...) and then coloured per modal
   illumination gain and colour cast, soft side lighting, sensor noise;
 * infrared: thermal-like intensities. Skin is bright (body heat); clothing takes the *emissivity*
   of its dye, a fixed non-monotonic function of the visible colour that is anti-correlated with
-  luminance (a dark shirt is bright in IR and a white one dark); dye patterns barely show; the scene is cold with a few warm objects; thermal
-  blur, column (fixed-pattern) noise, grey 3-channel output.
+  luminance (a dark shirt is bright in IR and a white one dark); dye patterns barely show; the
+  scene is cold with a few warm objects; thermal blur, column (fixed-pattern) noise, grey
+  3-channel output.
 
 Shape, carried items, gait and each identity's IR signature stay learnable across modalities,
 while raw pixel values do not carry over. All randomness comes from generators seeded by
