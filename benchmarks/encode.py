@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.base import ReIDModel
-from model.factory import available_methods, create_model
+from vvireid.model.base import ReIDModel
+from vvireid.model.factory import available_methods, create_model
 
 COST_TARGET = 1.03
 

@@ -1,4 +1,4 @@
-"""Time ``training.evaluation.evaluate`` on a 5,000 x 5,000 problem and a per-query reference loop.
+"""Time ``vvireid.training.evaluation.evaluate`` on a 5,000 x 5,000 problem and a per-query reference loop.
 
 Usage: ``python benchmarks/eval_speed.py [--size 5000] [--ref-size 1000] [--repeats 3]``
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from training.evaluation import evaluate
+from vvireid.training.evaluation import evaluate
 
 
 def reference_loop(distmat, q_pids, g_pids, q_camids, g_camids, filter_same_camera, max_rank=20):

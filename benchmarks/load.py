@@ -6,7 +6,7 @@ Usage::
     python benchmarks/load.py --checkpoint m.safetensors --index gallery/ --device cuda
     python benchmarks/load.py --clients 32 --requests 20 --frames 6 --size 288x144
 
-It starts ``python -m server`` itself on 127.0.0.1 (a free port) and stops it at the end; nothing
+It starts ``python -m vvireid.server`` itself on 127.0.0.1 (a free port) and stops it at the end; nothing
 else is contacted. Without ``--checkpoint``/``--index`` it builds, in a temporary folder, a
 random-weight ``vvireid-tiny`` checkpoint (input 288x144, 6 frames) and a gallery of
 ``--gallery`` random unit vectors (half visible, half infrared): realistic decode and search
@@ -43,11 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_synthetic(folder: Path, gallery: int, size: tuple[int, int], seq_len: int) -> tuple:
     """A random tiny checkpoint and a random-vector gallery index made for it."""
-    from indexer.store import GalleryIndex, GalleryItem
-    from model.backbone import register_tiny_configs
-    from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.factory import create_model
-    from model.types import Modality
+    from vvireid.indexer.store import GalleryIndex, GalleryItem
+    from vvireid.model.backbone import register_tiny_configs
+    from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+    from vvireid.model.factory import create_model
+    from vvireid.model.types import Modality
 
     register_tiny_configs()
     checkpoint = folder / "model.safetensors"

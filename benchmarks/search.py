@@ -39,9 +39,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.backend import DEFAULT_BLAS_THRESHOLD, configure_faiss
-from indexer.store import GalleryIndex, GalleryItem
-from model.types import Modality
+from vvireid.indexer.backend import DEFAULT_BLAS_THRESHOLD, configure_faiss
+from vvireid.indexer.store import GalleryIndex, GalleryItem
+from vvireid.model.types import Modality
 
 
 def machine_info() -> str:
@@ -178,10 +178,10 @@ def bench_encode(args: argparse.Namespace) -> str:
     import torch
     from PIL import Image
 
-    from indexer.encode import TrackletEncoder
-    from model.backbone import TINY_MODEL, register_tiny_configs
-    from model.factory import create_model
-    from model.types import Tracklet
+    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
+    from vvireid.model.factory import create_model
+    from vvireid.model.types import Tracklet
 
     register_tiny_configs()
     if args.encode_model == "tiny":

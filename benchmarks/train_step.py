@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from model.factory import create_model
-from model.types import Modality
-from training.config import load_config
-from training.data import load_dataset
-from training.data.samplers import CrossModalityIdentitySampler
-from training.data.synth import synthesize
-from training.data.transforms import build_train_transform
-from training.data.video_dataset import TrainClipDataset
-from training.objectives import TrainBatch, create_objective
-from training.optim import create_optimizer, create_scheduler
-from training.trainer import autocast_dtype, to_train_batch
+from vvireid.model.factory import create_model
+from vvireid.model.types import Modality
+from vvireid.training.config import load_config
+from vvireid.training.data import load_dataset
+from vvireid.training.data.samplers import CrossModalityIdentitySampler
+from vvireid.training.data.synth import synthesize
+from vvireid.training.data.transforms import build_train_transform
+from vvireid.training.data.video_dataset import TrainClipDataset
+from vvireid.training.objectives import TrainBatch, create_objective
+from vvireid.training.optim import create_optimizer, create_scheduler
+from vvireid.training.trainer import autocast_dtype, to_train_batch
 
 RECIPES = {"vld": "vld_hitsz_vcm", "xreid": "xreid_hitsz_vcm"}
 

@@ -1,5 +1,5 @@
-"""``python -m indexer``: the same as the ``vvireid-index`` console script."""
+"""``python -m vvireid.indexer``: the same as the ``vvireid-index`` console script."""
 
-from indexer.cli import main
+from vvireid.indexer.cli import main
 
 raise SystemExit(main())

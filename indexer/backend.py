@@ -1,6 +1,6 @@
 """The FAISS side of the gallery index: index construction, filtered search, GPU copies.
 
-Everything here works on int64 *internal ids* (assigned by :mod:`indexer.store`, never reused) and
+Everything here works on int64 *internal ids* (assigned by :mod:`vvireid.indexer.store`, never reused) and
 float32 vectors; tracklet metadata lives in the store. Kept behind this small class so that another
 vector engine could replace FAISS without touching the store's file format logic.
 

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from indexer import files
-from indexer.backend import min_train_size
-from indexer.encode import EncodeFailure, TrackletEncoder
-from indexer.manifest import ManifestError, parse_manifest, scan_folder
-from indexer.store import GalleryIndex, GalleryItem
-from model.types import Modality, Tracklet
+from vvireid.indexer import files
+from vvireid.indexer.backend import min_train_size
+from vvireid.indexer.encode import EncodeFailure, TrackletEncoder
+from vvireid.indexer.manifest import ManifestError, parse_manifest, scan_folder
+from vvireid.indexer.store import GalleryIndex, GalleryItem
+from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FailureBudget:
 def read_manifest_lenient(path: str | Path) -> tuple[list[Tracklet], list[EncodeFailure]]:
     """Read a manifest keeping the good lines and reporting each bad one as a failure.
 
-    The strict ``indexer.manifest.read_manifest`` rejects a whole file for one bad line, which is
+    The strict ``vvireid.indexer.manifest.read_manifest`` rejects a whole file for one bad line, which is
     right for training; an index build instead counts bad lines against its failure budget.
 
     Raises:
@@ -155,12 +155,12 @@ def load_tracklets(
     """The tracklets to index from a manifest file, a folder tree, or a dataset.
 
     ``manifest``: a JSONL file (bad lines become failures) or a folder laid out as
-    ``<pid|unknown>/<modality>/<camid>/<tracklet>/`` (``indexer.manifest.scan_folder``).
+    ``<pid|unknown>/<modality>/<camid>/<tracklet>/`` (``vvireid.indexer.manifest.scan_folder``).
     ``hitsz-vcm``/``bupt``: the dataset's ``split``; ``test`` is every test tracklet (the query and
     gallery sets of both directions, deduplicated), ``all`` adds ``train``.
 
     Raises:
-        ManifestError, ValueError (``training.data.DatasetError``): unusable source.
+        ManifestError, ValueError (``vvireid.training.data.DatasetError``): unusable source.
     """
     if fmt not in SOURCE_FORMATS:
         raise ValueError(f"unknown source format {fmt!r}; known: {', '.join(SOURCE_FORMATS)}")
@@ -179,7 +179,7 @@ def load_tracklets(
 
 def _dataset_tracklets(root: Path, fmt: str, split: str) -> list[Tracklet]:
     # Imported here so that serving and plain manifest builds never need the training package.
-    from training.data import load_dataset
+    from vvireid.training.data import load_dataset
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")

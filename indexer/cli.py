@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from indexer.build import (
+from vvireid.indexer.build import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_FAILURES,
     SOURCE_FORMATS,
@@ -29,8 +29,8 @@ from indexer.build import (
     build_index,
     load_tracklets,
 )
-from indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
-from model.types import Modality
+from vvireid.indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
+from vvireid.model.types import Modality
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _encoder(args: argparse.Namespace) -> Any:
-    from indexer.encode import TrackletEncoder
-    from model.checkpoint import load_checkpoint
+    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.checkpoint)
     return TrackletEncoder(
@@ -253,7 +253,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from indexer.store import GalleryIndex
+    from vvireid.indexer.store import GalleryIndex
 
     with GalleryIndex.open(args.index_dir, device="cpu", verify=not args.no_verify) as index:
         _emit(index.stats())
@@ -261,7 +261,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from indexer.store import GalleryIndex
+    from vvireid.indexer.store import GalleryIndex
 
     with GalleryIndex.open(args.index_dir, device="cpu") as index:
         wanted = list(dict.fromkeys(args.tracklet_ids))
@@ -292,9 +292,9 @@ def _expand_frames(frames: list[str]) -> list[str]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from indexer.encode import TrackletEncoder
-    from indexer.store import GalleryIndex
-    from model.checkpoint import load_checkpoint
+    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.indexer.store import GalleryIndex
+    from vvireid.model.checkpoint import load_checkpoint
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
@@ -331,8 +331,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: reported in one line, exit code 2."""
-    from indexer.store import IndexConflictError
-    from model.checkpoint import CheckpointError
+    from vvireid.indexer.store import IndexConflictError
+    from vvireid.model.checkpoint import CheckpointError
 
     return (CheckpointError, ManifestError, IndexConflictError, ValueError, KeyError, OSError)
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.base import ReIDModel
-from model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
-from model.types import Modality, Tracklet
+from vvireid.model.base import ReIDModel
+from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
+from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
 

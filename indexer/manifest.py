@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.types import Modality, Tracklet
+from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer import files
-from indexer.backend import INDEX_TYPES, IndexParams, Selection, VectorIndex, configure_faiss
-from model.types import Modality
+from vvireid.indexer import files
+from vvireid.indexer.backend import INDEX_TYPES, IndexParams, Selection, VectorIndex, configure_faiss
+from vvireid.model.types import Modality
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from model import create_model, load_checkpoint, save_checkpoint, Modality
+    from vvireid.model import create_model, load_checkpoint, save_checkpoint, Modality
 
 The names are re-exported lazily, so ``from model.types import Modality`` does not import torch
 and open_clip (data tools and readers stay fast to start).
@@ -14,16 +14,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "model.checkpoint",
-    "load_checkpoint": "model.checkpoint",
-    "save_checkpoint": "model.checkpoint",
-    "available_methods": "model.factory",
-    "create_model": "model.factory",
-    "FrameError": "model.preprocess",
-    "FramePreprocessor": "model.preprocess",
-    "PreprocessConfig": "model.preprocess",
-    "Modality": "model.types",
-    "Tracklet": "model.types",
+    "CheckpointError": "vvireid.model.checkpoint",
+    "load_checkpoint": "vvireid.model.checkpoint",
+    "save_checkpoint": "vvireid.model.checkpoint",
+    "available_methods": "vvireid.model.factory",
+    "create_model": "vvireid.model.factory",
+    "FrameError": "vvireid.model.preprocess",
+    "FramePreprocessor": "vvireid.model.preprocess",
+    "PreprocessConfig": "vvireid.model.preprocess",
+    "Modality": "vvireid.model.types",
+    "Tracklet": "vvireid.model.types",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -160,7 +160,7 @@ class ClipBackbone(nn.Module):
             self.visual.conv1 = ConvStem(self.visual.conv1.out_channels, patch)
         self.text = None
         if with_text:
-            from model.text import TextTower
+            from vvireid.model.text import TextTower
 
             self.text = TextTower(clip, name)
         self.width = int(self.visual.class_embedding.shape[0])

@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from model.backbone import ClipBackbone
-from model.config import ModelConfig
-from model.preprocess import PreprocessConfig
+from vvireid.model.backbone import ClipBackbone
+from vvireid.model.config import ModelConfig
+from vvireid.model.preprocess import PreprocessConfig
 
 
 class ReIDModel(nn.Module):

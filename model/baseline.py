@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from model.vld.model import VLD
+from vvireid.model.vld.model import VLD
 
 
 class BaselineModel(VLD):

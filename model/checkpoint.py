@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from model.base import ReIDModel
-from model.config import ModelConfig
+from vvireid.model.base import ReIDModel
+from vvireid.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from model.factory import build_model
+    from vvireid.model.factory import build_model
 
     meta = read_checkpoint_metadata(path)
     try:

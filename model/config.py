@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from model.base import ReIDModel
-from model.config import ModelConfig
-from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vvireid.model.base import ReIDModel
+from vvireid.model.config import ModelConfig
+from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Lazy "module:Class" references keep `import model` light and the methods independent.
 _BUILDERS: dict[str, str] = {
-    "baseline": "model.baseline:BaselineModel",
-    "vld": "model.vld:VLD",
-    "xreid": "model.xreid:XReID",
+    "baseline": "vvireid.model.baseline:BaselineModel",
+    "vld": "vvireid.model.vld:VLD",
+    "xreid": "vvireid.model.xreid:XReID",
 }
 
 

@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import nn
 
-from model.backbone import WeightsError, is_text_key
+from vvireid.model.backbone import WeightsError, is_text_key
 
 
 class TextTower(nn.Module):

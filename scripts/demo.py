@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from training.data import DatasetSplits
+    from vvireid.training.data import DatasetSplits
 
 log = logging.getLogger("vvireid.demo")
 
@@ -39,7 +39,7 @@ def make_dataset(data: Path) -> None:
     if (data / "info" / "track_test_info.txt").is_file():
         log.info("dataset exists: %s", data)
         return
-    from training.data.synth import synthesize
+    from vvireid.training.data.synth import synthesize
 
     _step(f"generating a synthetic {DATASET_FORMAT} dataset ({DEMO_IDS} identities) in {data}")
     partial = data.with_name(data.name + ".partial")
@@ -53,7 +53,7 @@ def make_dataset(data: Path) -> None:
 
 def train(data: Path, run: Path) -> Path:
     """Train the demo recipe (a tiny CLIP ViT) unless its checkpoint exists; resumes if killed."""
-    from training.cli import main as train_main
+    from vvireid.training.cli import main as train_main
 
     checkpoint = run / "model.safetensors"
     if checkpoint.is_file() and (run / "DONE").is_file():
@@ -71,7 +71,7 @@ def train(data: Path, run: Path) -> Path:
 
 def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
     """Cross-modal evaluation on the held-out identities, both directions."""
-    from training.cli import main as train_main
+    from vvireid.training.cli import main as train_main
 
     report_path = out / "report.json"
     if not report_path.is_file():
@@ -85,7 +85,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
 
 def build_index(checkpoint: Path, data: Path, index: Path) -> None:
     """Encode every test tracklet (both modalities) into a FAISS gallery index."""
-    from indexer.cli import main as index_main
+    from vvireid.indexer.cli import main as index_main
 
     if (index / "manifest.json").is_file():
         log.info("index exists: %s", index)
@@ -99,7 +99,7 @@ def build_index(checkpoint: Path, data: Path, index: Path) -> None:
 
 def load_splits(data: Path) -> DatasetSplits:
     """The demo dataset's splits, read once and shared by the chance figure and the example query."""
-    from training.data import load_dataset
+    from vvireid.training.data import load_dataset
 
     return load_dataset(DATASET_FORMAT, data)
 
@@ -111,7 +111,7 @@ def example_query(splits: DatasetSplits) -> tuple[list[Path], int]:
 
 
 def serve(checkpoint: Path, index: Path, splits: DatasetSplits) -> int:
-    from server.cli import main as serve_main
+    from vvireid.server.cli import main as serve_main
 
     host = os.environ.get("VVIREID_HOST", "127.0.0.1")
     port = os.environ.get("VVIREID_PORT", "8000")

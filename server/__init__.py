@@ -2,7 +2,7 @@
 
 Run it with ``vvireid-serve --checkpoint CKPT --index INDEX_DIR`` or build the app yourself::
 
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from vvireid.server.app import create_app
+    from vvireid.server.settings import ServerSettings
     app = create_app(ServerSettings(checkpoint="model.safetensors", index="gallery/"))
 """

@@ -1,7 +1,7 @@
-"""``python -m server`` is ``vvireid-serve``."""
+"""``python -m vvireid.server`` is ``vvireid-serve``."""
 
 import sys
 
-from server.cli import main
+from vvireid.server.cli import main
 
 sys.exit(main())

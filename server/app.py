@@ -25,10 +25,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, install_error_handlers
-from server.metrics import ServerMetrics
-from server.routes import STATIC_DIR, router
-from server.settings import ServerSettings
+from vvireid.server.errors import ApiError, install_error_handlers
+from vvireid.server.metrics import ServerMetrics
+from vvireid.server.routes import STATIC_DIR, router
+from vvireid.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
@@ -162,7 +162,7 @@ class RequestContextMiddleware:
 
 def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
     """Background loader: put the engine on app.state, or record why it failed."""
-    from server.service import QueryEngine
+    from vvireid.server.service import QueryEngine
 
     try:
         if settings.checkpoint is None or settings.index is None:

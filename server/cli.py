@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit code."""
     import uvicorn
 
-    from server.app import create_app
-    from server.settings import ServerSettings, SettingsError
+    from vvireid.server.app import create_app
+    from vvireid.server.settings import ServerSettings, SettingsError
 
     args = build_parser().parse_args(argv)
     try:

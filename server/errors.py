@@ -2,7 +2,7 @@
 
 Every error body is ``{"error": {"code", "message", "part"}, "request_id"}``: ``part`` names the
 request part at fault (``frames[2]``, ``top_k``, ...) so a client can point at it. Domain errors
-from ``server.service`` map to 4xx/503 by class; anything unexpected becomes a 500 whose body
+from ``vvireid.server.service`` map to 4xx/503 by class; anything unexpected becomes a 500 whose body
 holds only the request id, while the traceback goes to the server log under that id.
 """
 
@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.service import (
+from vvireid.server.service import (
     DuplicateTrackletError,
     FrameTooLargeError,
     GalleryConflictError,

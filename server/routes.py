@@ -16,12 +16,12 @@ from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFil
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
 
-from indexer.store import GalleryItem, Hit
-from model.types import Modality
-from server import schemas
-from server.errors import ApiError
-from server.metrics import CONTENT_TYPE
-from server.service import (
+from vvireid.indexer.store import GalleryItem, Hit
+from vvireid.model.types import Modality
+from vvireid.server import schemas
+from vvireid.server.errors import ApiError
+from vvireid.server.metrics import CONTENT_TYPE
+from vvireid.server.service import (
     FramePayload,
     InvalidFieldError,
     NotReadyError,

@@ -8,7 +8,7 @@ threads. Gallery writes take the write side of a readers-writer lock, so a searc
 half-applied change, and are saved atomically before they are acknowledged.
 
 Errors raised here are :class:`ServiceError` subclasses carrying a stable ``code`` and the request
-``part`` they concern; ``server.errors`` maps them to HTTP statuses.
+``part`` they concern; ``vvireid.server.errors`` maps them to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from indexer.encode import TrackletEncoder, make_thumbnail
-from indexer.store import GalleryIndex, GalleryItem, Hit, IndexConflictError
-from model.base import ReIDModel
-from model.checkpoint import load_checkpoint
-from model.preprocess import FrameError
-from model.types import Modality
-from server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from vvireid.indexer.encode import TrackletEncoder, make_thumbnail
+from vvireid.indexer.store import GalleryIndex, GalleryItem, Hit, IndexConflictError
+from vvireid.model.base import ReIDModel
+from vvireid.model.checkpoint import load_checkpoint
+from vvireid.model.preprocess import FrameError
+from vvireid.model.types import Modality
+from vvireid.server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from model.backbone import TINY_MODEL, register_tiny_configs
+from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
 
 TINY_IMAGE_SIZE = (64, 32)
 

@@ -1,5 +1,5 @@
-"""``python -m training`` runs the ``vvireid-train`` command line (also under ``torchrun``)."""
+"""``python -m vvireid.training`` runs the ``vvireid-train`` command line (also under ``torchrun``)."""
 
-from training.cli import main
+from vvireid.training.cli import main
 
 raise SystemExit(main())

@@ -5,7 +5,7 @@ Examples::
     vvireid-train fit --config vld_hitsz_vcm --data-root /data/HITSZ-VCM --out runs/vld \\
         --pretrained ViT-B-16.pt
     vvireid-train fit --out runs/vld --data-root /data/HITSZ-VCM --resume
-    torchrun --nproc_per_node 4 -m training fit --config vld_hitsz_vcm ...
+    torchrun --nproc_per_node 4 -m vvireid.training fit --config vld_hitsz_vcm ...
     vvireid-train eval --checkpoint runs/vld/model.safetensors --data-root /data/HITSZ-VCM
     vvireid-train data synth --format hitsz-vcm --out /tmp/vcm-synth
 
@@ -32,7 +32,7 @@ DATA_ROOT_ENV = "VVIREID_DATA_ROOT"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with ``fit``, ``eval`` and ``data`` subcommands."""
-    from training.data.cli import add_data_parser
+    from vvireid.training.data.cli import add_data_parser
 
     parser = argparse.ArgumentParser(prog="vvireid-train", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
@@ -131,8 +131,8 @@ def _remove_file_handlers() -> None:
 
 
 def _fit_config(args: argparse.Namespace) -> Any:
-    from training.config import load_config
-    from training.trainer import CONFIG_FILE, read_run_config
+    from vvireid.training.config import load_config
+    from vvireid.training.trainer import CONFIG_FILE, read_run_config
 
     run_dir = Path(args.out).expanduser()
     if args.resume:
@@ -146,8 +146,8 @@ def _fit_config(args: argparse.Namespace) -> Any:
 
 def run_fit(args: argparse.Namespace) -> int:
     """Handler of ``fit``: train, then print the final report's metrics as JSON (rank 0)."""
-    from training.distributed import init_distributed, shutdown
-    from training.trainer import Trainer
+    from vvireid.training.distributed import init_distributed, shutdown
+    from vvireid.training.trainer import Trainer
 
     config = _fit_config(args)
     data_root = _data_root(args.data_root)
@@ -172,10 +172,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``eval``: both directions, JSON on stdout, report and pictures in ``--out``."""
-    from model.checkpoint import load_checkpoint, read_checkpoint_metadata
-    from training.data import load_dataset
-    from training.distributed import resolve_device
-    from training.report import build_report, evaluate_model, protocol_notes, write_eval_outputs
+    from vvireid.model.checkpoint import load_checkpoint, read_checkpoint_metadata
+    from vvireid.training.data import load_dataset
+    from vvireid.training.distributed import resolve_device
+    from vvireid.training.report import build_report, evaluate_model, protocol_notes, write_eval_outputs
 
     configure_logging(args.verbose)
     checkpoint = Path(args.checkpoint).expanduser()
@@ -208,13 +208,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from indexer.manifest import ManifestError
-    from model.backbone import WeightsError
-    from model.checkpoint import CheckpointError
-    from model.preprocess import FrameError
-    from training.config import ConfigError
-    from training.data.splits import DatasetError
-    from training.trainer import TrainingError
+    from vvireid.indexer.manifest import ManifestError
+    from vvireid.model.backbone import WeightsError
+    from vvireid.model.checkpoint import CheckpointError
+    from vvireid.model.preprocess import FrameError
+    from vvireid.training.config import ConfigError
+    from vvireid.training.data.splits import DatasetError
+    from vvireid.training.trainer import TrainingError
 
     return (UsageError, ConfigError, TrainingError, DatasetError, CheckpointError, WeightsError,
             FrameError, ManifestError, ValueError, FileNotFoundError, PermissionError)

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    """What to build: ``model.factory.create_model`` arguments except the dataset-derived ones.
+    """What to build: ``vvireid.model.factory.create_model`` arguments except the dataset-derived ones.
 
     ``pretrained`` is a CLIP weights file or open_clip tag (``--pretrained`` on the command line
     wins); None trains from random initialisation (tests, smoke runs).
@@ -359,7 +359,7 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Value checks that types cannot express (choices, ranges, schedule consistency)."""
-    from model.sampling import TEST_RULES, TRAIN_RULES
+    from vvireid.model.sampling import TEST_RULES, TRAIN_RULES
 
     optim, sched, data = config.optim, config.optim.schedule, config.data
     _choice("optim.optimizer", optim.optimizer, OPTIMIZERS)

@@ -1,6 +1,6 @@
 """Data-parallel training across processes (``torchrun``): process-group setup and batch gathering.
 
-Launch: ``torchrun --nproc_per_node N -m training fit ...`` (add ``--nnodes/--node_rank/
+Launch: ``torchrun --nproc_per_node N -m vvireid.training fit ...`` (add ``--nnodes/--node_rank/
 --master_addr`` for several machines). Each process reads ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` from the environment, uses NCCL on CUDA and gloo on CPU, draws its own share of
 every batch from the identity sampler, and only rank 0 writes files.
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.objectives.base import TrainBatch
+from vvireid.training.objectives.base import TrainBatch
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import OptimSection, ScheduleSection
+from vvireid.training.config import OptimSection, ScheduleSection
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ CMC-curve plot and a rank-list picture (PIL only).
 
 ``evaluate_model`` encodes every query and gallery tracklet once with ``model.encode`` on
 ``TestClipDataset`` clips (the preprocessing the indexer and the server use), ranks with the
-model's similarity and scores with ``training.evaluation.evaluate`` under the dataset's protocol.
+model's similarity and scores with ``vvireid.training.evaluation.evaluate`` under the dataset's protocol.
 The pictures are drawn with PIL because matplotlib is not a dependency: a plot of two curves and a
 grid of thumbnails do not justify one. Everything written here is atomic (temp file, fsync, rename).
 """
@@ -22,14 +22,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
-from model.base import ReIDModel
-from model.checkpoint import atomic_write_bytes
-from model.preprocess import FrameError, FramePreprocessor, PreprocessConfig, load_image
-from model.types import Tracklet
-from training.data.splits import DIRECTIONS, DatasetSplits
-from training.data.video_dataset import TestClipDataset, collate_test
-from training.distributed import DistInfo, all_gather_objects
-from training.evaluation import EvalResult, distance_matrix, evaluate
+from vvireid.model.base import ReIDModel
+from vvireid.model.checkpoint import atomic_write_bytes
+from vvireid.model.preprocess import FrameError, FramePreprocessor, PreprocessConfig, load_image
+from vvireid.model.types import Tracklet
+from vvireid.training.data.splits import DIRECTIONS, DatasetSplits
+from vvireid.training.data.video_dataset import TestClipDataset, collate_test
+from vvireid.training.distributed import DistInfo, all_gather_objects
+from vvireid.training.evaluation import EvalResult, distance_matrix, evaluate
 
 log = logging.getLogger(__name__)
 

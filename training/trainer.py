@@ -43,18 +43,18 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.base import ReIDModel
-from model.checkpoint import atomic_write_bytes, save_checkpoint
-from model.factory import create_model
-from model.preprocess import FramePreprocessor, PreprocessConfig
-from model.sampling import sample_train
-from model.types import Modality, Tracklet
-from training.config import TrainConfig, config_from_dict
-from training.data import DatasetSplits, load_dataset
-from training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
-from training.data.transforms import build_train_transform
-from training.data.video_dataset import FrameLoader, TrainClipDataset
-from training.distributed import (
+from vvireid.model.base import ReIDModel
+from vvireid.model.checkpoint import atomic_write_bytes, save_checkpoint
+from vvireid.model.factory import create_model
+from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
+from vvireid.model.sampling import sample_train
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.config import TrainConfig, config_from_dict
+from vvireid.training.data import DatasetSplits, load_dataset
+from vvireid.training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
+from vvireid.training.data.transforms import build_train_transform
+from vvireid.training.data.video_dataset import FrameLoader, TrainClipDataset
+from vvireid.training.distributed import (
     DistInfo,
     all_gather_objects,
     any_flag,
@@ -65,10 +65,10 @@ from training.distributed import (
     gather_outputs,
     init_distributed,
 )
-from training.metrics_log import MetricsLogger
-from training.objectives import TrainBatch, create_objective
-from training.optim import create_optimizer, create_scheduler, describe_groups
-from training.report import (
+from vvireid.training.metrics_log import MetricsLogger
+from vvireid.training.objectives import TrainBatch, create_objective
+from vvireid.training.optim import create_optimizer, create_scheduler, describe_groups
+from vvireid.training.report import (
     DirectionResult,
     build_report,
     evaluate_model,

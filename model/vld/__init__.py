@@ -1,5 +1,5 @@
 """VLD: video-level language-driven VVI-ReID (STH + STA spatial-temporal prompting, IMLP)."""
 
-from model.vld.model import VLD, VLDOutput
+from vvireid.model.vld.model import VLD, VLDOutput
 
 __all__ = ["VLD", "VLDOutput"]

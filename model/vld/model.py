@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from model.base import ReIDModel
-from model.config import ModelConfig
-from model.heads import BNClassifier
-from model.vld.aggregation import SpatialTemporalAggregation
-from model.vld.hub import SpatialTemporalHub
-from model.vld.prompts import IdentityPrompts
+from vvireid.model.base import ReIDModel
+from vvireid.model.config import ModelConfig
+from vvireid.model.heads import BNClassifier
+from vvireid.model.vld.aggregation import SpatialTemporalAggregation
+from vvireid.model.vld.hub import SpatialTemporalHub
+from vvireid.model.vld.prompts import IdentityPrompts
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.text import TextTower
+from vvireid.model.text import TextTower
 
 PLACEHOLDER = "X"
 

@@ -1,5 +1,5 @@
 """X-ReID: CLIP ViT with cross-modality prototypes (CPC) and multi-granularity interaction (MII)."""
 
-from model.xreid.model import CIIOutput, XReID, XReIDOutput
+from vvireid.model.xreid.model import CIIOutput, XReID, XReIDOutput
 
 __all__ = ["CIIOutput", "XReID", "XReIDOutput"]

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.base import ReIDModel
-from model.config import ModelConfig
-from model.heads import BNClassifier
-from model.xreid.interaction import (
+from vvireid.model.base import ReIDModel
+from vvireid.model.config import ModelConfig
+from vvireid.model.heads import BNClassifier
+from vvireid.model.xreid.interaction import (
     CrossModalityInteraction,
     LongTermInteraction,
     ShortTermInteraction,

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint import save_checkpoint
-from model.factory import create_model
+from vvireid.model.checkpoint import save_checkpoint
+from vvireid.model.factory import create_model
 
 
 def write_tracklet(folder: Path, rng: np.random.Generator, num_frames: int = 5) -> list[str]:

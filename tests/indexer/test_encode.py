@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.encode import THUMBNAIL_MAX_HEIGHT, TrackletEncoder
-from model.checkpoint import load_checkpoint
-from model.factory import create_model
-from model.types import Modality, Tracklet
+from vvireid.indexer.encode import THUMBNAIL_MAX_HEIGHT, TrackletEncoder
+from vvireid.model.checkpoint import load_checkpoint
+from vvireid.model.factory import create_model
+from vvireid.model.types import Modality, Tracklet
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from indexer import cli
-from indexer.build import FailureBudget, read_manifest_lenient
-from indexer.encode import TrackletEncoder
-from indexer.store import GalleryIndex
+from vvireid.indexer import cli
+from vvireid.indexer.build import FailureBudget, read_manifest_lenient
+from vvireid.indexer.encode import TrackletEncoder
+from vvireid.indexer.store import GalleryIndex
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | None, str]:
@@ -271,8 +271,8 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
 
 
 def test_dataset_test_split_indexes_query_and_gallery_once(tmp_path, capsys, checkpoint):
-    synth = pytest.importorskip("training.data.synth")
-    from training.data import load_dataset
+    synth = pytest.importorskip("vvireid.training.data.synth")
+    from vvireid.training.data import load_dataset
 
     root = tmp_path / "vcm"
     synth.synthesize(root, "hitsz-vcm", ids=4, cameras=2, frames=(12, 13), image_size=(64, 32))

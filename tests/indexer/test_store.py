@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.store import (
+from vvireid.indexer.store import (
     MANIFEST,
     GalleryIndex,
     GalleryItem,
@@ -20,7 +20,7 @@ from indexer.store import (
     IndexFormatError,
     IndexMismatchError,
 )
-from model.types import Modality
+from vvireid.model.types import Modality
 
 DIM = 16
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from model.backbone import TINY_MODEL, ClipBackbone, WeightsError, read_state_dict
+from vvireid.model.backbone import TINY_MODEL, ClipBackbone, WeightsError, read_state_dict
 
 IMAGE_SIZE = (64, 32)
 GRID = (4, 2)

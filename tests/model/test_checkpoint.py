@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import (
+from vvireid.model.checkpoint import (
     CheckpointError,
     fingerprint,
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from model.factory import create_model
+from vvireid.model.factory import create_model
 
 SEQ_LEN = 4
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from model.baseline import BaselineModel
-from model.factory import create_model
-from model.vld import VLD, VLDOutput
-from training.objectives.base import TrainBatch
-from training.objectives.vld import VLDObjective
+from vvireid.model.baseline import BaselineModel
+from vvireid.model.factory import create_model
+from vvireid.model.vld import VLD, VLDOutput
+from vvireid.training.objectives.base import TrainBatch
+from vvireid.training.objectives.vld import VLDObjective
 
 NUM_CLASSES = 3
 SEQ_LEN = 4

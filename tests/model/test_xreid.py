@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.backbone import register_tiny_configs
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.factory import create_model
-from model.xreid import XReID, XReIDOutput
-from model.xreid.blocks import CrossAttentionBlock, FirstTokenSelfAttentionBlock
-from model.xreid.interaction import (
+from vvireid.model.backbone import register_tiny_configs
+from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+from vvireid.model.factory import create_model
+from vvireid.model.xreid import XReID, XReIDOutput
+from vvireid.model.xreid.blocks import CrossAttentionBlock, FirstTokenSelfAttentionBlock
+from vvireid.model.xreid.interaction import (
     CrossModalityInteraction,
     LongTermInteraction,
     ShortTermInteraction,

@@ -25,13 +25,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer.build import build_index
-from indexer.encode import TrackletEncoder
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.factory import create_model
-from model.types import Modality, Tracklet
-from server.app import create_app
-from server.settings import ServerSettings
+from vvireid.indexer.build import build_index
+from vvireid.indexer.encode import TrackletEncoder
+from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+from vvireid.model.factory import create_model
+from vvireid.model.types import Modality, Tracklet
+from vvireid.server.app import create_app
+from vvireid.server.settings import ServerSettings
 
 NUM_PIDS = 4
 FRAMES_PER_TRACKLET = 6

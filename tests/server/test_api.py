@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from server_support import TinyGallery, make_settings, running_client, wait_ready
 
-from model.types import Modality
-from server.app import create_app
-from server.service import QueryEngine
+from vvireid.model.types import Modality
+from vvireid.server.app import create_app
+from vvireid.server.service import QueryEngine
 
 INFRARED, VISIBLE = Modality.INFRARED, Modality.VISIBLE
 
@@ -204,8 +204,8 @@ def test_readyz_reports_a_load_failure(tiny_gallery: TinyGallery, tmp_path):
 
 
 def test_index_built_for_another_model_is_refused(tiny_gallery: TinyGallery, tmp_path):
-    from model.checkpoint import save_checkpoint
-    from model.factory import create_model
+    from vvireid.model.checkpoint import save_checkpoint
+    from vvireid.model.factory import create_model
 
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, create_model("baseline", num_classes=3, backbone="vvireid-tiny",

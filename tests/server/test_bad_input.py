@@ -9,7 +9,7 @@ import zlib
 import pytest
 from server_support import TinyGallery, make_settings, running_client, synthetic_frame
 
-from model.types import Modality
+from vvireid.model.types import Modality
 
 BOUNDARY = "vvireid-test-boundary"
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from server_support import TinyGallery, live_server, make_settings
 
-from model.types import Modality
+from vvireid.model.types import Modality
 
 CHROMIUM = Path("/usr/bin/chromium")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

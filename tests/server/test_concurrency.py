@@ -12,8 +12,8 @@ import httpx
 import pytest
 from server_support import TinyGallery, live_server, make_settings, running_client
 
-from model.types import Modality
-from server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from vvireid.model.types import Modality
+from vvireid.server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 
 
 def gated_batcher(gate: threading.Event, seen: list[list[int]], **kwargs) -> MicroBatcher:

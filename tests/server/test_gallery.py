@@ -13,8 +13,8 @@ from server_support import (
     synthetic_frame,
 )
 
-from indexer.store import GalleryIndex
-from model.types import Modality
+from vvireid.indexer.store import GalleryIndex
+from vvireid.model.types import Modality
 
 KEY = "s3cret-key-for-tests"
 
@@ -130,7 +130,7 @@ def test_add_generates_an_id_and_validates_fields(tiny_gallery: TinyGallery, ind
 
 
 def test_api_key_from_environment(tiny_gallery: TinyGallery, index_copy):
-    from server.settings import ServerSettings
+    from vvireid.server.settings import ServerSettings
 
     settings = ServerSettings.from_env(
         {"VVIREID_CHECKPOINT": str(tiny_gallery.checkpoint), "VVIREID_INDEX": str(index_copy),

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from server_support import TinyGallery
 
-from server.cli import build_parser, main
-from server.settings import ServerSettings, SettingsError
+from vvireid.server.cli import build_parser, main
+from vvireid.server.settings import ServerSettings, SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def test_cli_flags_map_to_settings():
         ["--checkpoint", "c.safetensors", "--index", "idx", "--max-frames", "32",
          "--workers-threads", "12", "--max-wait-ms", "1.5", "--max-request-mb", "2"]
     )
-    from server.cli import _overrides
+    from vvireid.server.cli import _overrides
 
     settings = ServerSettings.from_env({}, **_overrides(args))
     assert settings.max_frames == 32 and settings.worker_threads == 12

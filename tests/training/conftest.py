@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data.synth import synthesize
+from vvireid.training.data.synth import synthesize
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from training.config import (
+from vvireid.training.config import (
     ConfigError,
     TrainConfig,
     available_configs,

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from training.data.check import check_dataset
-from training.data.cli import add_data_parser
+from vvireid.training.data.check import check_dataset
+from vvireid.training.data.cli import add_data_parser
 
 TINY = ["--ids", "4", "--cameras", "2", "--frames", "12", "--size", "64x32"]
 

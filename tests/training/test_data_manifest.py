@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from indexer.manifest import ManifestError, read_manifest, scan_folder, write_manifest
-from model.types import Modality, Tracklet
-from training.data.manifest_dataset import load_manifest_dataset
-from training.data.splits import DatasetError
+from vvireid.indexer.manifest import ManifestError, read_manifest, scan_folder, write_manifest
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.manifest_dataset import load_manifest_dataset
+from vvireid.training.data.splits import DatasetError
 
 
 def _tracklet(tid, modality, camid, frames, pid=None, split=None, **extra):

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from model.types import Modality, Tracklet
-from training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler, TrainKey
-from training.data.splits import DatasetSplits
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler, TrainKey
+from vvireid.training.data.splits import DatasetSplits
 
 
 def vcm_like_splits() -> DatasetSplits:

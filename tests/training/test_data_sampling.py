@@ -1,11 +1,11 @@
-"""Frame-sampling rules of ``model.sampling`` against the tables of datasets_eval.md section 3."""
+"""Frame-sampling rules of ``vvireid.model.sampling`` against the tables of datasets_eval.md section 3."""
 
 import math
 
 import numpy as np
 import pytest
 
-from model.sampling import (
+from vvireid.model.sampling import (
     dense,
     random_sorted,
     rrs_test,

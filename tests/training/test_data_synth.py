@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.types import Modality
-from training.data import load_dataset
-from training.data.synth import synthesize
+from vvireid.model.types import Modality
+from vvireid.training.data import load_dataset
+from vvireid.training.data.synth import synthesize
 
 SMALL = {"ids": 4, "cameras": 3, "frames": (12, 13), "image_size": (64, 32)}
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import FramePreprocessor, PreprocessConfig
-from model.types import Modality
-from training.data.transforms import (
+from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
+from vvireid.model.types import Modality
+from vvireid.training.data.transforms import (
     VLD_ERASE_FILL,
     PlainTransform,
     VLDTransform,

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.preprocess import FrameError, FramePreprocessor, PreprocessConfig
-from model.types import Modality, Tracklet
-from training.data.samplers import CrossModalityIdentitySampler, TrainKey
-from training.data.splits import DatasetSplits
-from training.data.transforms import build_train_transform
-from training.data.video_dataset import TestClipDataset, TrainClipDataset, collate_test
+from vvireid.model.preprocess import FrameError, FramePreprocessor, PreprocessConfig
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.samplers import CrossModalityIdentitySampler, TrainKey
+from vvireid.training.data.splits import DatasetSplits
+from vvireid.training.data.transforms import build_train_transform
+from vvireid.training.data.video_dataset import TestClipDataset, TrainClipDataset, collate_test
 
 
 def write_tracklet(folder, tid, modality, camid, pid, n):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluation import (
+from vvireid.training.evaluation import (
     EvalResult,
     _block_matches_numpy,
     _block_matches_torch,

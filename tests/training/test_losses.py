@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from vvireid.training.losses import (
     PrototypeMemory,
     WeightedRegularizedTriplet,
     batch_hard_triplet,

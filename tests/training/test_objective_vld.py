@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from model.factory import create_model
-from training.losses import cross_entropy, visual_to_text_loss, wrt_loss
-from training.objectives import create_objective
-from training.objectives.base import TrainBatch
-from training.objectives.vld import VLDObjective
+from vvireid.model.factory import create_model
+from vvireid.training.losses import cross_entropy, visual_to_text_loss, wrt_loss
+from vvireid.training.objectives import create_objective
+from vvireid.training.objectives.base import TrainBatch
+from vvireid.training.objectives.vld import VLDObjective
 
 NUM_CLASSES = 3
 SEQ_LEN = 4

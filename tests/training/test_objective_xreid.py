@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.backbone import register_tiny_configs
-from model.factory import create_model
-from model.types import Modality
-from model.xreid import XReID
-from training.losses import batch_hard_triplet, cross_entropy
-from training.objectives import create_objective
-from training.objectives.base import TrainBatch
-from training.objectives.xreid import XReIDObjective
+from vvireid.model.backbone import register_tiny_configs
+from vvireid.model.factory import create_model
+from vvireid.model.types import Modality
+from vvireid.model.xreid import XReID
+from vvireid.training.losses import batch_hard_triplet, cross_entropy
+from vvireid.training.objectives import create_objective
+from vvireid.training.objectives.base import TrainBatch
+from vvireid.training.objectives.xreid import XReIDObjective
 
 NUM_CLASSES, SEQ_LEN, NUM_CAMERAS = 3, 4, 3
 IMAGE_SIZE = (64, 32)

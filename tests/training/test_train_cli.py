@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint import save_checkpoint
-from model.factory import create_model
-from training.cli import main
+from vvireid.model.checkpoint import save_checkpoint
+from vvireid.model.factory import create_model
+from vvireid.training.cli import main
 
 
 @pytest.fixture()

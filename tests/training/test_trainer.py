@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import load_checkpoint, read_checkpoint_metadata
-from model.types import Modality
-from training.cli import main
-from training.config import load_config
-from training.evaluation import distance_matrix, evaluate
-from training.metrics_log import read_metrics
-from training.report import encode_tracklets
-from training.trainer import NonFiniteLossError, Trainer, TrainingError
+from vvireid.model.checkpoint import load_checkpoint, read_checkpoint_metadata
+from vvireid.model.types import Modality
+from vvireid.training.cli import main
+from vvireid.training.config import load_config
+from vvireid.training.evaluation import distance_matrix, evaluate
+from vvireid.training.metrics_log import read_metrics
+from vvireid.training.report import encode_tracklets
+from vvireid.training.trainer import NonFiniteLossError, Trainer, TrainingError
 
 SHORT = ["optim.epochs=2", "optim.iters_per_epoch=3", "optim.schedule.t_initial=2", "eval.every=1"]
 
@@ -146,7 +146,7 @@ def test_resume_refuses_another_config(vcm, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(vcm, tmp_path, monkeypatch):
-    from training.objectives.vld import VLDObjective
+    from vvireid.training.objectives.vld import VLDObjective
 
     calls = {"n": 0}
     original = VLDObjective.__call__
@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(vcm, tmp_path, monkeypat
 
 
 def test_full_disk_reports_clearly_and_keeps_the_previous_checkpoint(vcm, tmp_path, monkeypatch):
-    import training.trainer as trainer_module
+    import vvireid.training.trainer as trainer_module
 
     real_save = torch.save
     saves = {"n": 0}

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.data.synth import synthesize
-from training.distributed import DistInfo, gather_batch, gather_outputs
-from training.losses import wrt_loss
-from training.objectives.base import TrainBatch
+from vvireid.training.data.synth import synthesize
+from vvireid.training.distributed import DistInfo, gather_batch, gather_outputs
+from vvireid.training.losses import wrt_loss
+from vvireid.training.objectives.base import TrainBatch
 
 REPO = Path(__file__).resolve().parents[2]
 

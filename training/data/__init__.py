@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.data.bupt import load_buptcampus
-from training.data.manifest_dataset import load_manifest_dataset
-from training.data.splits import DatasetError, DatasetSplits
-from training.data.vcm import load_hitsz_vcm
+from vvireid.training.data.bupt import load_buptcampus
+from vvireid.training.data.manifest_dataset import load_manifest_dataset
+from vvireid.training.data.splits import DatasetError, DatasetSplits
+from vvireid.training.data.vcm import load_hitsz_vcm
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {
     "hitsz-vcm": load_hitsz_vcm,

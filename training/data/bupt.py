@@ -32,8 +32,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from model.types import Modality, Tracklet
-from training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from indexer.manifest import ManifestError
-from model.preprocess import FrameError, load_image
-from model.types import Tracklet
-from training.data import DATASETS
-from training.data.splits import DIRECTIONS, DatasetError, DatasetSplits
+from vvireid.indexer.manifest import ManifestError
+from vvireid.model.preprocess import FrameError, load_image
+from vvireid.model.types import Tracklet
+from vvireid.training.data import DATASETS
+from vvireid.training.data.splits import DIRECTIONS, DatasetError, DatasetSplits
 
 log = logging.getLogger(__name__)
 

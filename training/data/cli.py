@@ -14,9 +14,9 @@ import sys
 import time
 from typing import Any
 
-from training.data import DATASETS
-from training.data.check import check_dataset
-from training.data.synth import FORMATS, synthesize
+from vvireid.training.data import DATASETS
+from vvireid.training.data.check import check_dataset
+from vvireid.training.data.synth import FORMATS, synthesize
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Train and evaluate on users' own tracklets, described by a manifest (``indexer.manifest``).
+"""Train and evaluate on users' own tracklets, described by a manifest (``vvireid.indexer.manifest``).
 
 Each tracklet's ``split`` field says where it goes: ``train`` tracklets (pid required) are the
 training set with pids relabelled ``0..C-1`` in ascending order; ``query`` and ``gallery``
@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from indexer.manifest import read_manifest
-from model.types import Tracklet
-from training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
+from vvireid.indexer.manifest import read_manifest
+from vvireid.model.types import Tracklet
+from vvireid.training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_manifest_dataset(
         filter_same_camera: evaluate with the VCM rule (drop gallery items with the query's pid and
             camid). Off by default, the BUPTCampus rule; turn it on when the same camera records
             both modalities of a person at once, where same-camera matches are too easy.
-        test_sampling: the frame rule for evaluation (``model.sampling``).
+        test_sampling: the frame rule for evaluation (``vvireid.model.sampling``).
 
     Raises:
         ManifestError: malformed manifest lines (all of them).

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from model.types import Modality
+from vvireid.model.types import Modality
 
 BG, SKIN, HAIR, UPPER, UPPER2, LOWER, LOWER2, SHOES, BAG = range(9)
 NUM_CODES = 9

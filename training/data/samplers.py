@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model.types import Modality
-from training.data.splits import DatasetSplits
+from vvireid.model.types import Modality
+from vvireid.training.data.splits import DatasetSplits
 
 log = logging.getLogger(__name__)
 

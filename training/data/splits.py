@@ -1,7 +1,7 @@
 """What every dataset reader returns: train tracklets and the two query directions.
 
 Readers are pure functions ``load_*(root, **options) -> DatasetSplits``. They never decode images,
-so loading a dataset's lists is fast; ``training.data.check`` verifies that the frames exist.
+so loading a dataset's lists is fast; ``vvireid.training.data.check`` verifies that the frames exist.
 Malformed list files raise :class:`DatasetError` carrying *every* problem found, one
 ``file:line: field: reason`` string each, because a user fixing a hand-edited list wants the whole
 list of mistakes at once, not one per run.
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.types import Direction, Modality, Tracklet
+from vvireid.model.types import Direction, Modality, Tracklet
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DatasetSplits:
         gallery: per direction the gallery tracklets.
         num_train_pids: C, the number of training identities (classifier width).
         num_train_cams: size of the camera-id space (camids of every split are below it).
-        test_sampling: the dataset's official test-time frame rule (``model.sampling``).
+        test_sampling: the dataset's official test-time frame rule (``vvireid.model.sampling``).
         filter_same_camera: True when the official protocol removes gallery items with the same
             pid and camid as the query (VCM), False when it removes nothing (BUPTCampus).
         train_pairs: for datasets whose training items are pixel-aligned RGB/IR twins (BUPT),

@@ -2,7 +2,7 @@
 
 Tests, smoke trainings and demos need data with the structure of HITSZ-VCM, BUPTCampus or a
 manifest, and a real cross-modality gap, without shipping pictures of people. The people are the
-procedural pedestrians of :mod:`training.data.pedestrians`; this module plans who is seen by which
+procedural pedestrians of :mod:`vvireid.training.data.pedestrians`; this module plans who is seen by which
 camera and writes the files, so that the real readers are exercised.
 
 Each identity appears in both modalities, in several tracklets (1-2 per camera) over 2-3 cameras;
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.manifest import write_manifest
-from model.types import Modality, Tracklet
-from training.data.bupt import CAMERAS as BUPT_CAMERAS
-from training.data.pedestrians import (
+from vvireid.indexer.manifest import write_manifest
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.bupt import CAMERAS as BUPT_CAMERAS
+from vvireid.training.data.pedestrians import (
     Identity,
     Pose,
     camera_background,

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from model.types import Modality
+from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vvireid.model.types import Modality
 
 VLD_ERASE_FILL = (0.4914, 0.4822, 0.4465)
 LUMA = np.array([0.2989, 0.587, 0.114], dtype=np.float32)

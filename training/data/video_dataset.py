@@ -3,7 +3,7 @@
 ``TrainClipDataset`` is indexed by the :class:`~training.data.samplers.TrainKey` items a sampler
 yields and returns one visible and one infrared clip of the same identity; the default collate
 function stacks them to ``rgb``/``ir`` [B, T, 3, H, W]. ``TestClipDataset`` serves evaluation
-through ``model.preprocess.FramePreprocessor``, the code path the indexer and the server use.
+through ``vvireid.model.preprocess.FramePreprocessor``, the code path the indexer and the server use.
 
 Unreadable frames: ``on_bad_frame="fail"`` (default) raises ``FrameError`` naming the frame;
 ``"skip"`` logs the path, counts it in ``bad_frames`` (per worker process) and substitutes the
@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model.preprocess import FrameError, FramePreprocessor, load_image
-from model.sampling import sample_train
-from model.types import Modality, Tracklet
-from training.data.samplers import TrainKey
+from vvireid.model.preprocess import FrameError, FramePreprocessor, load_image
+from vvireid.model.sampling import sample_train
+from vvireid.model.types import Modality, Tracklet
+from vvireid.training.data.samplers import TrainKey
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class TrainClipDataset(Dataset):
 
     Args:
         tracklets: ``DatasetSplits.train``; keys index it.
-        transform: ``training.data.transforms`` object (``pair`` used when present) or any
+        transform: ``vvireid.training.data.transforms`` object (``pair`` used when present) or any
             callable ``(frames, modality, rng) -> [T, 3, H, W]``.
         seq_len: T, frames per clip.
-        sampling: ``rrs_train`` (VCM) or ``random_sorted`` (BUPTCampus), see ``model.sampling``.
+        sampling: ``rrs_train`` (VCM) or ``random_sorted`` (BUPTCampus), see ``vvireid.model.sampling``.
         aligned_pairs: the two tracklets are pixel-aligned twins (BUPT): one index set, drawn
             over the shorter length, serves both (the official loader uses the IR length).
         seed: mixed with each key's ``draw`` so that a run is reproducible.

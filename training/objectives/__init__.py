@@ -6,12 +6,12 @@ import importlib
 
 from torch import nn
 
-from training.objectives.base import Objective, TrainBatch
+from vvireid.training.objectives.base import Objective, TrainBatch
 
 _OBJECTIVES = {
-    "baseline": "training.objectives.vld:VLDObjective",
-    "vld": "training.objectives.vld:VLDObjective",
-    "xreid": "training.objectives.xreid:XReIDObjective",
+    "baseline": "vvireid.training.objectives.vld:VLDObjective",
+    "vld": "vvireid.training.objectives.vld:VLDObjective",
+    "xreid": "vvireid.training.objectives.xreid:XReIDObjective",
 }
 
 

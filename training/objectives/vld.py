@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from model.vld import VLDOutput
-from training.losses import cross_entropy, visual_to_text_loss, wrt_loss
-from training.objectives.base import Objective, TrainBatch
+from vvireid.model.vld import VLDOutput
+from vvireid.training.losses import cross_entropy, visual_to_text_loss, wrt_loss
+from vvireid.training.objectives.base import Objective, TrainBatch
 
 
 class VLDObjective(Objective):

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.types import Modality
-from model.xreid import XReID, XReIDOutput
-from training.losses import PrototypeMemory, batch_hard_triplet, cmcl_loss, cross_entropy
-from training.objectives.base import Objective, TrainBatch
+from vvireid.model.types import Modality
+from vvireid.model.xreid import XReID, XReIDOutput
+from vvireid.training.losses import PrototypeMemory, batch_hard_triplet, cmcl_loss, cross_entropy
+from vvireid.training.objectives.base import Objective, TrainBatch
 
 log = logging.getLogger(__name__)
 
