@@ -12,15 +12,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# milvus-lite depends on faiss-cpu, which installs the same `faiss` module: put faiss-gpu's back.
+	$(PY) -m pip install --quiet --force-reinstall --no-deps faiss-gpu
 	touch $(STAMP)
 
 ## Run the whole test suite (installs everything it needs first, chromium for the browser test).
 test: $(STAMP) browser
 	$(PY) -m ruff check model training indexer server tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check model training indexer server tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 ## Synthetic data -> train -> evaluate -> index -> serve on http://127.0.0.1:8000 (CPU, minutes).
 demo: $(STAMP)

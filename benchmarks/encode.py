@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from vvireid.model.base import ReIDModel
 from vvireid.model.factory import available_methods, create_model
 

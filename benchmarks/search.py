@@ -38,7 +38,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-
 from vvireid.indexer.backend import DEFAULT_BLAS_THRESHOLD, configure_faiss
 from vvireid.indexer.store import GalleryIndex, GalleryItem
 from vvireid.model.types import Modality
@@ -177,7 +176,6 @@ def blas_comparison(
 def bench_encode(args: argparse.Namespace) -> str:
     import torch
     from PIL import Image
-
     from vvireid.indexer.encode import TrackletEncoder
     from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
     from vvireid.model.factory import create_model

@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-
+from vvireid.indexer.sources import load_dataset
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality
 from vvireid.training.config import load_config
-from vvireid.training.data import load_dataset
 from vvireid.training.data.samplers import CrossModalityIdentitySampler
 from vvireid.training.data.synth import synthesize
 from vvireid.training.data.transforms import build_train_transform

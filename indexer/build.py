@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vvireid.indexer import files
 from vvireid.indexer.backend import min_train_size
 from vvireid.indexer.encode import EncodeFailure, TrackletEncoder
 from vvireid.indexer.manifest import ManifestError, parse_manifest, scan_folder
+from vvireid.indexer.sources import load_dataset
 from vvireid.indexer.store import GalleryIndex, GalleryItem
+from vvireid.model import fileio as files
 from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,6 @@ def load_tracklets(
 
 
 def _dataset_tracklets(root: Path, fmt: str, split: str) -> list[Tracklet]:
-    # Imported here so that serving and plain manifest builds never need the training package.
-    from vvireid.training.data import load_dataset
-
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     splits = load_dataset(fmt, root)

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-
 from vvireid.model.base import ReIDModel
 from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
 from vvireid.model.types import Modality, Tracklet

@@ -36,11 +36,11 @@ import math
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vvireid.model.fileio import write_text_atomic
 from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
@@ -251,16 +251,7 @@ def write_manifest(path: str | Path, tracklets: Iterable[Tracklet]) -> None:
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     parse_manifest(lines, source=f"{path} [tracklet #]", base=base)  # the reader's rules
     base.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=base)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write("".join(line + "\n" for line in lines))
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
     log.info("wrote %d tracklets to %s", len(records), path)
 
 

@@ -44,9 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vvireid.indexer import files
-from vvireid.indexer.backend import INDEX_TYPES, IndexParams, Selection, VectorIndex, configure_faiss
+from vvireid.indexer.backend import (
+    INDEX_TYPES,
+    IndexParams,
+    Selection,
+    VectorIndex,
+    configure_faiss,
+)
+from vvireid.model import fileio as files
 from vvireid.model.types import Modality
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vvireid.model.text import TextTower
+from vvireid.model.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,8 @@ TINY_MODEL = "vvireid-tiny"
 CONV_STEM_MODELS = frozenset({"vvireid-demo"})
 # Keys of OpenAI's TorchScript state dict that are scalars, not weights.
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-class WeightsError(ValueError):
-    """A weights file or tag cannot be used; the message names the source and the problem."""
 
 
 def register_tiny_configs() -> None:
@@ -160,8 +157,6 @@ class ClipBackbone(nn.Module):
             self.visual.conv1 = ConvStem(self.visual.conv1.out_channels, patch)
         self.text = None
         if with_text:
-            from vvireid.model.text import TextTower
-
             self.text = TextTower(clip, name)
         self.width = int(self.visual.class_embedding.shape[0])
         self.proj_dim = int(self.visual.proj.shape[1])
@@ -246,8 +241,3 @@ class ClipBackbone(nn.Module):
             self.visual.load_state_dict(visual, strict=True)
         except RuntimeError as exc:
             raise WeightsError(f"{label}: weights do not fit {self.name}: {exc}") from None
-
-
-def is_text_key(key: str) -> bool:
-    """Whether a full-CLIP state-dict key belongs to the text tower."""
-    return key.startswith(_TEXT_PREFIXES)

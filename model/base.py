@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-
 from vvireid.model.backbone import ClipBackbone
 from vvireid.model.config import ModelConfig
 from vvireid.model.preprocess import PreprocessConfig

@@ -10,15 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from vvireid.model.base import ReIDModel
 from vvireid.model.config import ModelConfig
+from vvireid.model.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +39,6 @@ def fingerprint(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then atomically rename over ``path`` (same folder, fsynced)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, model: ReIDModel, extra: dict[str, Any] | None = None) -> str:
     """Write ``model`` atomically; returns its fingerprint. ``extra`` is JSON metadata (metrics...)."""
     from safetensors.torch import save_file
@@ -69,7 +52,7 @@ def save_checkpoint(path: str | Path, model: ReIDModel, extra: dict[str, Any] | 
         "fingerprint": fp,
         "extra": json.dumps(extra or {}),
     }
-    atomic_write_bytes(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
+    write_atomic(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
     model.fingerprint = fp
     log.info("saved checkpoint %s (fingerprint %s)", path, fp)
     return fp
@@ -112,7 +95,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
     from vvireid.model.factory import build_model
 
     meta = read_checkpoint_metadata(path)

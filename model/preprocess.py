@@ -17,7 +17,6 @@ from typing import Any, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-
 from vvireid.model.sampling import sample_test
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

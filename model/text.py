@@ -9,8 +9,7 @@ from __future__ import annotations
 import open_clip
 import torch
 from torch import nn
-
-from vvireid.model.backbone import WeightsError, is_text_key
+from vvireid.model.weights import WeightsError, is_text_key
 
 
 class TextTower(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vvireid.training.data import DatasetSplits
+    from vvireid.indexer.sources import DatasetSplits
 
 log = logging.getLogger("vvireid.demo")
 
@@ -99,7 +99,7 @@ def build_index(checkpoint: Path, data: Path, index: Path) -> None:
 
 def load_splits(data: Path) -> DatasetSplits:
     """The demo dataset's splits, read once and shared by the chance figure and the example query."""
-    from vvireid.training.data import load_dataset
+    from vvireid.indexer.sources import load_dataset
 
     return load_dataset(DATASET_FORMAT, data)
 

@@ -24,7 +24,6 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from vvireid.server.errors import ApiError, install_error_handlers
 from vvireid.server.metrics import ServerMetrics
 from vvireid.server.routes import STATIC_DIR, router

@@ -52,7 +52,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit code."""
     import uvicorn
-
     from vvireid.server.app import create_app
     from vvireid.server.settings import ServerSettings, SettingsError
 

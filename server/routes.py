@@ -15,7 +15,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
-
 from vvireid.indexer.store import GalleryItem, Hit
 from vvireid.model.types import Modality
 from vvireid.server import schemas

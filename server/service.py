@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-
 from vvireid.indexer.encode import TrackletEncoder, make_thumbnail
 from vvireid.indexer.store import GalleryIndex, GalleryItem, Hit, IndexConflictError
 from vvireid.model.base import ReIDModel

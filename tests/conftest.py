@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
 
 TINY_IMAGE_SIZE = (64, 32)

@@ -172,10 +172,15 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``eval``: both directions, JSON on stdout, report and pictures in ``--out``."""
+    from vvireid.indexer.sources import load_dataset
     from vvireid.model.checkpoint import load_checkpoint, read_checkpoint_metadata
-    from vvireid.training.data import load_dataset
     from vvireid.training.distributed import resolve_device
-    from vvireid.training.report import build_report, evaluate_model, protocol_notes, write_eval_outputs
+    from vvireid.training.report import (
+        build_report,
+        evaluate_model,
+        protocol_notes,
+        write_eval_outputs,
+    )
 
     configure_logging(args.verbose)
     checkpoint = Path(args.checkpoint).expanduser()
@@ -209,11 +214,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vvireid.indexer.manifest import ManifestError
+    from vvireid.indexer.sources.splits import DatasetError
     from vvireid.model.backbone import WeightsError
     from vvireid.model.checkpoint import CheckpointError
     from vvireid.model.preprocess import FrameError
     from vvireid.training.config import ConfigError
-    from vvireid.training.data.splits import DatasetError
     from vvireid.training.trainer import TrainingError
 
     return (UsageError, ConfigError, TrainingError, DatasetError, CheckpointError, WeightsError,

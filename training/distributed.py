@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from vvireid.training.objectives.base import TrainBatch
 
 log = logging.getLogger(__name__)

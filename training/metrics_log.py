@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from vvireid.model.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,4 @@ def truncate_after(path: Path, epoch: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if int(r.get("epoch", -1)) < epoch]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in kept:
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from vvireid.training.config import OptimSection, ScheduleSection
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
-
+from vvireid.indexer.sources.splits import DIRECTIONS, DatasetSplits
 from vvireid.model.base import ReIDModel
-from vvireid.model.checkpoint import atomic_write_bytes
+from vvireid.model.fileio import write_atomic
 from vvireid.model.preprocess import FrameError, FramePreprocessor, PreprocessConfig, load_image
 from vvireid.model.types import Tracklet
-from vvireid.training.data.splits import DIRECTIONS, DatasetSplits
 from vvireid.training.data.video_dataset import TestClipDataset, collate_test
 from vvireid.training.distributed import DistInfo, all_gather_objects
 from vvireid.training.evaluation import EvalResult, distance_matrix, evaluate
@@ -188,11 +187,11 @@ def build_report(
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Atomic, pretty-printed JSON."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def _save_png(image: Image.Image, path: str | Path) -> None:
-    atomic_write_bytes(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -42,15 +42,15 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-
+from vvireid.indexer.sources import DatasetSplits, load_dataset
 from vvireid.model.base import ReIDModel
-from vvireid.model.checkpoint import atomic_write_bytes, save_checkpoint
+from vvireid.model.checkpoint import save_checkpoint
 from vvireid.model.factory import create_model
+from vvireid.model.fileio import write_atomic
 from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
 from vvireid.model.sampling import sample_train
 from vvireid.model.types import Modality, Tracklet
 from vvireid.training.config import TrainConfig, config_from_dict
-from vvireid.training.data import DatasetSplits, load_dataset
 from vvireid.training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
 from vvireid.training.data.transforms import build_train_transform
 from vvireid.training.data.video_dataset import FrameLoader, TrainClipDataset
@@ -223,7 +223,7 @@ def _epoch_pass_batches(loader: DataLoader) -> Iterator[TrainBatch]:
 
 
 def _atomic_torch_save(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _guard_disk(what: str, path: Path, intact: str, action: Any,
@@ -426,7 +426,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-        atomic_write_bytes(self.run_dir / CONFIG_FILE,
+        write_atomic(self.run_dir / CONFIG_FILE,
                            lambda tmp: Path(tmp).write_text(config_text))
         run_path = self.run_dir / RUN_FILE
         info = json.loads(run_path.read_text()) if self.resume and run_path.exists() else {}
@@ -440,7 +440,7 @@ class Trainer:
                     data_root=str(self.data_root), status="running",
                     git_sha=info["sessions"][-1]["git_sha"])
         text = json.dumps(info, indent=2)
-        atomic_write_bytes(run_path, lambda tmp: Path(tmp).write_text(text))
+        write_atomic(run_path, lambda tmp: Path(tmp).write_text(text))
 
     def _set_status(self, status: str) -> None:
         """Record the run's status in ``run.json``; best effort (never hides the real error)."""
@@ -451,7 +451,7 @@ class Trainer:
             info = json.loads(path.read_text())
             info["status"] = status
             text = json.dumps(info, indent=2)
-            atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+            write_atomic(path, lambda tmp: Path(tmp).write_text(text))
         except (OSError, ValueError) as exc:
             log.warning("cannot update %s: %s", path, exc)
 
@@ -691,7 +691,7 @@ class Trainer:
             if self.dist.is_main:
                 model_path = self.run_dir / MODEL_FILE
                 _guard_disk("model checkpoint", model_path, f"{best_path} is intact",
-                            lambda: atomic_write_bytes(model_path,
+                            lambda: write_atomic(model_path,
                                                        lambda tmp: shutil.copyfile(best_path, tmp)))
         if self.last_eval_epoch != selection["epoch"] - 1:  # e.g. resumed after the last epoch
             self.evaluate(selection["epoch"] - 1, record=False)

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-
 from vvireid.model.base import ReIDModel
 from vvireid.model.config import ModelConfig
 from vvireid.model.heads import BNClassifier

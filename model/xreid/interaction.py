@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from vvireid.model.xreid.blocks import CrossAttentionBlock, FirstTokenSelfAttentionBlock
 
 SHIFT_DIV = 4  # a quarter of the channels from each neighbour (official n_div = 4)

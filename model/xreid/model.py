@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vvireid.model.base import ReIDModel
 from vvireid.model.config import ModelConfig
 from vvireid.model.heads import BNClassifier

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-
 from vvireid.model.checkpoint import save_checkpoint
 from vvireid.model.factory import create_model
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from vvireid.indexer.encode import THUMBNAIL_MAX_HEIGHT, TrackletEncoder
 from vvireid.model.checkpoint import load_checkpoint
 from vvireid.model.factory import create_model

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from vvireid.indexer import cli
 from vvireid.indexer.build import FailureBudget, read_manifest_lenient
 from vvireid.indexer.encode import TrackletEncoder
@@ -272,7 +271,7 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
 
 def test_dataset_test_split_indexes_query_and_gallery_once(tmp_path, capsys, checkpoint):
     synth = pytest.importorskip("vvireid.training.data.synth")
-    from vvireid.training.data import load_dataset
+    from vvireid.indexer.sources import load_dataset
 
     root = tmp_path / "vcm"
     synth.synthesize(root, "hitsz-vcm", ids=4, cameras=2, frames=(12, 13), image_size=(64, 32))

@@ -11,7 +11,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-
 from vvireid.indexer.store import (
     MANIFEST,
     GalleryIndex,

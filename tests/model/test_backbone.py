@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-
 from vvireid.model.backbone import TINY_MODEL, ClipBackbone, WeightsError, read_state_dict
 
 IMAGE_SIZE = (64, 32)

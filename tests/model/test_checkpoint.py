@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from vvireid.model.checkpoint import (
     CheckpointError,
     fingerprint,

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from vvireid.model.baseline import BaselineModel
 from vvireid.model.factory import create_model
 from vvireid.model.vld import VLD, VLDOutput

@@ -24,7 +24,6 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from vvireid.indexer.build import build_index
 from vvireid.indexer.encode import TrackletEncoder
 from vvireid.model.checkpoint import load_checkpoint, save_checkpoint

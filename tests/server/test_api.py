@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from server_support import TinyGallery, make_settings, running_client, wait_ready
-
 from vvireid.model.types import Modality
 from vvireid.server.app import create_app
 from vvireid.server.service import QueryEngine

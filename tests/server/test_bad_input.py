@@ -8,7 +8,6 @@ import zlib
 
 import pytest
 from server_support import TinyGallery, make_settings, running_client, synthetic_frame
-
 from vvireid.model.types import Modality
 
 BOUNDARY = "vvireid-test-boundary"

@@ -22,7 +22,6 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from server_support import TinyGallery, live_server, make_settings
-
 from vvireid.model.types import Modality
 
 CHROMIUM = Path("/usr/bin/chromium")

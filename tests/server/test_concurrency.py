@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from server_support import TinyGallery, live_server, make_settings, running_client
-
 from vvireid.model.types import Modality
 from vvireid.server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 

@@ -12,7 +12,6 @@ from server_support import (
     running_client,
     synthetic_frame,
 )
-
 from vvireid.indexer.store import GalleryIndex
 from vvireid.model.types import Modality
 

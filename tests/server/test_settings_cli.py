@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 from server_support import TinyGallery
-
 from vvireid.server.cli import build_parser, main
 from vvireid.server.settings import ServerSettings, SettingsError
 

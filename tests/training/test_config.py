@@ -2,7 +2,6 @@
 
 import pytest
 import yaml
-
 from vvireid.training.config import (
     ConfigError,
     TrainConfig,

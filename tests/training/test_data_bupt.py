@@ -4,10 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-
+from vvireid.indexer.sources.bupt import CAMERAS, load_buptcampus, official_rgb_drop
+from vvireid.indexer.sources.splits import DatasetError
 from vvireid.model.types import Modality
-from vvireid.training.data.bupt import CAMERAS, load_buptcampus, official_rgb_drop
-from vvireid.training.data.splits import DatasetError
 
 TRAIN = ["1 RGB/IR LS3 1", "1 RGB/IR G25 2", "10 RGB/IR CQ1 1", "2 RGB/IR W4 1", "2 RGB/IR TSG1 3"]
 AUX = ["900 RGB/IR TSG2 1"]

@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-
 from vvireid.training.data.check import check_dataset
 from vvireid.training.data.cli import add_data_parser
 

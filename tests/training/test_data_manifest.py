@@ -3,11 +3,10 @@
 import json
 
 import pytest
-
 from vvireid.indexer.manifest import ManifestError, read_manifest, scan_folder, write_manifest
+from vvireid.indexer.sources.manifest_dataset import load_manifest_dataset
+from vvireid.indexer.sources.splits import DatasetError
 from vvireid.model.types import Modality, Tracklet
-from vvireid.training.data.manifest_dataset import load_manifest_dataset
-from vvireid.training.data.splits import DatasetError
 
 
 def _tracklet(tid, modality, camid, frames, pid=None, split=None, **extra):

@@ -3,10 +3,13 @@
 from collections import Counter
 
 import pytest
-
+from vvireid.indexer.sources.splits import DatasetSplits
 from vvireid.model.types import Modality, Tracklet
-from vvireid.training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler, TrainKey
-from vvireid.training.data.splits import DatasetSplits
+from vvireid.training.data.samplers import (
+    BUPTCameraPairSampler,
+    CrossModalityIdentitySampler,
+    TrainKey,
+)
 
 
 def vcm_like_splits() -> DatasetSplits:

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from vvireid.model.sampling import (
     dense,
     random_sorted,

@@ -5,9 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 from PIL import Image
-
+from vvireid.indexer.sources import load_dataset
 from vvireid.model.types import Modality
-from vvireid.training.data import load_dataset
 from vvireid.training.data.synth import synthesize
 
 SMALL = {"ids": 4, "cameras": 3, "frames": (12, 13), "image_size": (64, 32)}

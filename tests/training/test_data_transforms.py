@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
 from vvireid.model.types import Modality
 from vvireid.training.data.transforms import (

@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
-
+from vvireid.indexer.sources.splits import DatasetError
+from vvireid.indexer.sources.vcm import decode_frame_name, load_hitsz_vcm
 from vvireid.model.types import Modality
-from vvireid.training.data.splits import DatasetError
-from vvireid.training.data.vcm import decode_frame_name, load_hitsz_vcm
 
 # (m, pid, camid, frames): m 1 = IR, 2 = RGB
 TRAIN = [(2, 5, 3, 12), (1, 5, 2, 13), (2, 2, 1, 11), (1, 2, 1, 12), (2, 2, 4, 12)]

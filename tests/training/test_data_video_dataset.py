@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-
+from vvireid.indexer.sources.splits import DatasetSplits
 from vvireid.model.preprocess import FrameError, FramePreprocessor, PreprocessConfig
 from vvireid.model.types import Modality, Tracklet
 from vvireid.training.data.samplers import CrossModalityIdentitySampler, TrainKey
-from vvireid.training.data.splits import DatasetSplits
 from vvireid.training.data.transforms import build_train_transform
 from vvireid.training.data.video_dataset import TestClipDataset, TrainClipDataset, collate_test
 

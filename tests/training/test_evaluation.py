@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from vvireid.training.evaluation import (
     EvalResult,
     _block_matches_numpy,

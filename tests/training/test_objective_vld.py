@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from vvireid.model.factory import create_model
 from vvireid.training.losses import cross_entropy, visual_to_text_loss, wrt_loss
 from vvireid.training.objectives import create_objective

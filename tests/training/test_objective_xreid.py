@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from vvireid.model.backbone import register_tiny_configs
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from vvireid.model.checkpoint import save_checkpoint
 from vvireid.model.factory import create_model
 from vvireid.training.cli import main

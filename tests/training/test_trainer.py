@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from vvireid.model.checkpoint import load_checkpoint, read_checkpoint_metadata
 from vvireid.model.types import Modality
 from vvireid.training.cli import main

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from vvireid.training.data.synth import synthesize
 from vvireid.training.distributed import DistInfo, gather_batch, gather_outputs
 from vvireid.training.losses import wrt_loss

@@ -6,10 +6,14 @@ epoch schedule, so a wrong multiplier, optimiser, or schedule parameter in any l
 
 import pytest
 import torch
-
 from vvireid.model.factory import create_model
 from vvireid.training.config import load_config
-from vvireid.training.optim import cosine_lr, create_optimizer, create_scheduler, warmup_multistep_lr
+from vvireid.training.optim import (
+    cosine_lr,
+    create_optimizer,
+    create_scheduler,
+    warmup_multistep_lr,
+)
 
 TINY = ["model.backbone=vvireid-tiny", "model.image_size=[64, 32]", "model.pretrained=null"]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from vvireid.indexer.manifest import ManifestError
+from vvireid.indexer.sources import DATASETS
+from vvireid.indexer.sources.splits import DIRECTIONS, DatasetError, DatasetSplits
 from vvireid.model.preprocess import FrameError, load_image
 from vvireid.model.types import Tracklet
-from vvireid.training.data import DATASETS
-from vvireid.training.data.splits import DIRECTIONS, DatasetError, DatasetSplits
 
 log = logging.getLogger(__name__)
 

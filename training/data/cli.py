@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from vvireid.training.data import DATASETS
+from vvireid.indexer.sources import DATASETS
 from vvireid.training.data.check import check_dataset
 from vvireid.training.data.synth import FORMATS, synthesize
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-
 from vvireid.model.types import Modality
 
 BG, SKIN, HAIR, UPPER, UPPER2, LOWER, LOWER2, SHOES, BAG = range(9)

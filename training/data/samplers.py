@@ -22,9 +22,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-
+from vvireid.indexer.sources.splits import DatasetSplits
 from vvireid.model.types import Modality
-from vvireid.training.data.splits import DatasetSplits
 
 log = logging.getLogger(__name__)
 

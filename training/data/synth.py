@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
 from vvireid.indexer.manifest import write_manifest
+from vvireid.indexer.sources.bupt import CAMERAS as BUPT_CAMERAS
 from vvireid.model.types import Modality, Tracklet
-from vvireid.training.data.bupt import CAMERAS as BUPT_CAMERAS
 from vvireid.training.data.pedestrians import (
     Identity,
     Pose,

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-
 from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from vvireid.model.types import Modality
 

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-
 from vvireid.model.preprocess import FrameError, FramePreprocessor, load_image
 from vvireid.model.sampling import sample_train
 from vvireid.model.types import Modality, Tracklet

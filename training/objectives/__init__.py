@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 from torch import nn
-
 from vvireid.training.objectives.base import Objective, TrainBatch
 
 _OBJECTIVES = {

@@ -11,7 +11,6 @@ left out, so the baseline trains with the five CLS-branch terms only.
 from __future__ import annotations
 
 import torch
-
 from vvireid.model.vld import VLDOutput
 from vvireid.training.losses import cross_entropy, visual_to_text_loss, wrt_loss
 from vvireid.training.objectives.base import Objective, TrainBatch

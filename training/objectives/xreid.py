@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from vvireid.model.types import Modality
 from vvireid.model.xreid import XReID, XReIDOutput
 from vvireid.training.losses import PrototypeMemory, batch_hard_triplet, cmcl_loss, cross_entropy

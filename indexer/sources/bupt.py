@@ -32,8 +32,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vvireid.indexer.sources.splits import (
+    DatasetError,
+    DatasetSplits,
+    cross_modal_directions,
+    relabel_map,
+)
 from vvireid.model.types import Modality, Tracklet
-from vvireid.training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
 
 log = logging.getLogger(__name__)
 

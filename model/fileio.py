@@ -1,6 +1,7 @@
-"""Crash-safe file primitives for the index folder.
+"""Crash-safe file primitives: the one home of atomic writes for every layer.
 
-Why a module of its own: every write the index makes goes through these few functions, so the
+Why a module of its own: every file the project writes (checkpoints, manifests, run files,
+reports, plots, the index) goes through these few functions, so the
 atomicity argument ("a kill at any moment leaves the previous index loadable") is checked in one
 place. A file is written under a temporary name in its final folder, flushed and fsynced, renamed
 with ``os.replace`` (atomic on POSIX), and the folder is fsynced so the rename itself is durable.
@@ -51,6 +52,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, sync_dir: b
     already happened when that fsync could fail).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     # os.open with 0o666 honours the umask (mkstemp would make the file owner-only, and a server
     # running as another user could not read the index).
@@ -75,6 +77,11 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, sync_dir: bool = True) 
             handle.write(data)
 
     write_atomic(path, fill, sync_dir=sync_dir)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``write_atomic`` for a UTF-8 text payload."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_stream_atomic(path: str | Path, fill: Callable[[BinaryIO], None]) -> None:

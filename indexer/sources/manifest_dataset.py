@@ -13,8 +13,13 @@ import logging
 from pathlib import Path
 
 from vvireid.indexer.manifest import read_manifest
+from vvireid.indexer.sources.splits import (
+    DatasetError,
+    DatasetSplits,
+    cross_modal_directions,
+    relabel_map,
+)
 from vvireid.model.types import Tracklet
-from vvireid.training.data.splits import DatasetError, DatasetSplits, cross_modal_directions, relabel_map
 
 log = logging.getLogger(__name__)
 

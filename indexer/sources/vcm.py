@@ -33,8 +33,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from vvireid.indexer.sources.splits import DatasetError, DatasetSplits, relabel_map
 from vvireid.model.types import Direction, Modality, Tracklet
-from vvireid.training.data.splits import DatasetError, DatasetSplits, relabel_map
 
 log = logging.getLogger(__name__)
 
