@@ -1,0 +1,268 @@
+"""One prepared command for a short GPU slot: every GPU figure of the project in one JSON report.
+
+Usage::
+
+    python benchmarks/gpu_suite.py                 # on a CUDA machine, at most ~8 minutes
+    python benchmarks/gpu_suite.py --smoke         # CPU, tiny configs: checks the suite itself runs
+    python benchmarks/gpu_suite.py --only encode,decode --out report.json
+
+Sections (each in its own time box; one that fails or lacks a dependency is reported, not fatal):
+
+- ``encode``: tracklets/s of each method (baseline and VLD at T=6, X-ReID at T=10; ViT-B/16 at
+  288x144, random weights) in three modes: ``autocast`` (fp32 weights under bf16 autocast),
+  ``bf16`` (weights stored in bf16, :class:`~vvireid.model.inference.InferenceModel`) and
+  ``bf16_compiled`` (the same under ``torch.compile``, CUDA graphs per batch bucket), plus the
+  minimum cosine of each mode's features to fp32 ones on the same clips.
+- ``train``: ``benchmarks/train_step.py`` (VLD and X-ReID recipes, bf16) in a subprocess.
+- ``decode``: milliseconds to decode a 6-frame 288x144 JPEG query on one CPU thread with PIL,
+  simplejpeg and torchvision (whichever are installed), and batched ``decode_jpeg`` on the GPU.
+- ``server``: ``benchmarks/load.py`` (32 clients, a 100k gallery) when fastapi and faiss import.
+
+Without a GPU (and without ``--smoke``) it prints ``{"skipped": ...}`` and exits 0, so it can sit in
+any script. Targets (issue 13): VLD T=6 >= 2,000 tracklets/s and X-ReID T=10 >= 1,200/s encoding,
+training VLD >= 400/s and X-ReID >= 250/s, server p50 <= 30 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import io
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("gpu_suite")
+
+ENCODE_CASES = (("baseline", 6), ("vld", 6), ("xreid", 10))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(fn: Callable[[], Any], items: int, iters: int, device: torch.device) -> float:
+    """Items per second of ``fn`` over ``iters`` timed calls after one untimed call."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return items * iters / (time.perf_counter() - start)
+
+
+def bench_encode(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from vvireid.model.backbone import register_tiny_configs
+    from vvireid.model.factory import create_model
+    from vvireid.model.inference import InferenceModel
+
+    register_tiny_configs()
+    size = (64, 32) if args.smoke else (288, 144)
+    backbone = "vvireid-tiny" if args.smoke else "ViT-B-16"
+    batch, iters = (4, 1) if args.smoke else (args.encode_batch, args.encode_iters)
+    results = []
+    for method, seq_len in ENCODE_CASES:
+        torch.manual_seed(0)
+        model = create_model(method, 500, backbone=backbone, image_size=size, seq_len=seq_len,
+                             num_cameras=6).eval()
+        clips = torch.randn(batch, seq_len, 3, *size)
+        camids = torch.arange(batch) % 6 if method == "xreid" else None
+        check = slice(0, min(batch, 8))
+        reference = model.to(device).encode(clips[check].to(device),
+                                            None if camids is None else camids[check].to(device))
+        row: dict[str, Any] = {"method": method, "seq_len": seq_len, "batch": batch}
+        dev_clips = clips.to(device)
+        dev_cams = None if camids is None else camids.to(device)
+
+        def autocast_encode(m=model, c=dev_clips, k=dev_cams):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return m.encode(c, k)
+
+        row["autocast_per_s"] = round(_rate(autocast_encode, batch, iters, device), 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got = model.encode(clips[check].to(device),
+                               None if camids is None else camids[check].to(device))
+        row["autocast_cosine_min"] = _cosine(got, reference)
+        for mode, compiled in (("bf16", False), ("bf16_compiled", True)):
+            if compiled and args.no_compile:
+                continue
+            runner = InferenceModel(copy.deepcopy(model), device, dtype=torch.bfloat16,
+                                    compile=compiled, buckets=(batch,))
+            started = time.perf_counter()
+            runner.warm_up(with_camids=camids is not None)
+            row[f"{mode}_warmup_s"] = round(time.perf_counter() - started, 1)
+            row[f"{mode}_per_s"] = round(
+                _rate(lambda r=runner, c=clips, k=camids: r.encode(c, k), batch, iters, device), 1)
+            got = runner.encode(clips[check], None if camids is None else camids[check])
+            row[f"{mode}_cosine_min"] = _cosine(got, reference)
+            del runner
+        results.append(row)
+        log.info("encode %s", row)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(F.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=1).min().item(), 6)
+
+
+def bench_decode(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from PIL import Image
+
+    frames = []
+    for i in range(6):
+        image = Image.new("RGB", (144, 288), (40 * i, 90, 160))
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=90)
+        frames.append(out.getvalue())
+    iters = 3 if args.smoke else 200
+    result: dict[str, Any] = {"frames": 6, "size": "288x144"}
+
+    def pil() -> None:
+        for data in frames:
+            Image.open(io.BytesIO(data)).convert("RGB").load()
+
+    result["pil_ms"] = round(1000 * iters / _rate(pil, iters, iters, torch.device("cpu")), 3)
+    if importlib.util.find_spec("simplejpeg"):
+        import simplejpeg
+
+        def sj() -> None:
+            for data in frames:
+                simplejpeg.decode_jpeg(data)
+
+        result["simplejpeg_ms"] = round(1000 * iters / _rate(sj, iters, iters,
+                                                              torch.device("cpu")), 3)
+    if importlib.util.find_spec("torchvision"):
+        from torchvision.io import decode_jpeg
+
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in frames]
+        result["torchvision_cpu_ms"] = round(
+            1000 * iters / _rate(lambda: decode_jpeg(tensors), iters, iters,
+                                 torch.device("cpu")), 3)
+        if device.type == "cuda":
+            batch = tensors * 32  # 32 queries of 6 frames in one call
+            rate = _rate(lambda: decode_jpeg(batch, device=device), len(batch), iters, device)
+            result["torchvision_gpu_frames_per_s"] = round(rate, 1)
+    return result
+
+
+def run_subprocess(command: list[str], timeout: float) -> dict[str, Any]:
+    """Run a benchmark script that prints JSON; return its last JSON object or the failure."""
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "command": " ".join(command)}
+    out = proc.stdout
+    start = out.find("{")
+    if proc.returncode != 0 or start < 0:
+        return {"error": f"exit {proc.returncode}", "command": " ".join(command),
+                "stderr_tail": proc.stderr[-2000:]}
+    try:
+        report = json.loads(out[start:])
+    except json.JSONDecodeError:
+        return {"error": "output is not JSON", "stdout_tail": out[-2000:]}
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    command = [sys.executable, "benchmarks/train_step.py", "--method", "both",
+               "--device", str(device), "--precision", "bf16" if device.type == "cuda" else "fp32"]
+    if args.smoke:
+        command += ["--iters", "1", "--warmup", "0", "--batch-ids", "2", "--num-classes", "16",
+                    "--data-batches", "0", "--skip-compute"]
+    else:
+        command += ["--iters", "20", "--warmup", "3", "--data-batches", "4"]
+    return run_subprocess(command, timeout=args.section_timeout)
+
+
+def bench_server(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    missing = [m for m in ("fastapi", "faiss", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"missing {', '.join(missing)}"}
+    command = [sys.executable, "benchmarks/load.py", "--device", str(device)]
+    if args.smoke:
+        command += ["--gallery", "200", "--clients", "2", "--requests", "2", "--size", "64x32"]
+    else:
+        command += ["--gallery", "100000", "--clients", "32", "--requests", "20"]
+    return run_subprocess(command, timeout=args.section_timeout)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device], Any]] = {
+    "encode": bench_encode,
+    "decode": bench_decode,
+    "train": bench_train,
+    "server": bench_server,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run tiny configs on the CPU to check the suite itself")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile mode")
+    parser.add_argument("--encode-batch", type=int, default=64, help="tracklets per encode call")
+    parser.add_argument("--encode-iters", type=int, default=10, help="timed encode calls")
+    parser.add_argument("--section-timeout", type=float, default=180.0,
+                        help="seconds allowed to each subprocess section")
+    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; "
+                     f"known: {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if not torch.cuda.is_available() and not args.smoke:
+        print(json.dumps({"skipped": "no CUDA device visible to torch; nothing measured"}))
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
+    }
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            report[name] = SECTIONS[name](args, device)
+        except Exception as exc:  # one broken section must not lose the others' figures
+            log.exception("section %s failed", name)
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        log.info("section %s took %.1f s", name, time.perf_counter() - t0)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Inference-time execution of a ``ReIDModel``: cast weights, fixed batch buckets, optional compile.
+
+Why not autocast: autocast re-casts every weight at every call and disables PyTorch's fused
+multi-head-attention fast path (which dispatches to flash / memory-efficient SDPA), so a model whose
+weights are *stored* in bf16 runs measurably faster than the same model under autocast. Why buckets:
+``torch.compile`` (and the CUDA graphs that its ``reduce-overhead`` mode records) specialise on
+shapes; padding every batch up to one of a few static sizes means a handful of compilations, all
+done by :meth:`InferenceModel.warm_up` at start-up, and none on the request path. Padding is safe
+because at inference every method treats each clip independently (BatchNorm in eval mode uses its
+running statistics); ``tests/model/test_inference.py`` checks that for every registered method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from vvireid.model.base import ReIDModel
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; otherwise one of :data:`DTYPES`.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def bucket_for(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``size`` clips (the largest bucket when none does)."""
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    return buckets[-1]
+
+
+class InferenceModel:
+    """A ``ReIDModel`` prepared for serving and indexing on one device.
+
+    Args:
+        model: the loaded model; it is moved to ``device``, put in eval mode and, for a dtype other
+            than fp32, has its floating-point weights cast to that dtype (in place).
+        device: where to run.
+        dtype: the weights' and activations' dtype (see :func:`parse_dtype`).
+        compile: wrap the model's ``encode`` in ``torch.compile`` (``reduce-overhead`` on CUDA:
+            CUDA graphs per bucket). Off by default on CPU, where compiling costs minutes.
+        buckets: the static batch sizes; batches are padded up to the next one and larger batches
+            are cut into chunks of the largest.
+    """
+
+    def __init__(
+        self,
+        model: ReIDModel,
+        device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+    ) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+        self.model = model.to(device).eval()
+        if dtype != torch.float32:
+            self.model.to(dtype)
+        self.device = device
+        self.dtype = dtype
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
+        self.compiled = compile
+        self._encode = self.model.encode
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._encode = torch.compile(self.model.encode, mode=mode, dynamic=False)
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    @torch.no_grad()
+    def encode(self, clips: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of ``clips`` as fp32 on the CPU, computed in bucket-sized model calls.
+
+        Shape: clips [B, T, 3, H, W] (any dtype, any device), camids [B] or None -> [B, D].
+        """
+        out = []
+        for start in range(0, len(clips), self.max_batch):
+            chunk = clips[start : start + self.max_batch]
+            cams = None if camids is None else camids[start : start + self.max_batch]
+            out.append(self._run_bucket(chunk, cams))
+        if not out:
+            return torch.zeros(0, self.model.embed_dim)
+        return torch.cat(out)
+
+    def _run_bucket(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        size = len(clips)
+        bucket = bucket_for(size, self.buckets)
+        clips = clips.to(self.device, dtype=self.dtype, non_blocking=True)
+        if bucket > size:
+            pad = clips[:1].expand(bucket - size, *clips.shape[1:])
+            clips = torch.cat([clips, pad])
+        if camids is not None:
+            camids = camids.to(self.device)
+            if bucket > size:
+                camids = torch.cat([camids, camids[:1].expand(bucket - size)])
+        feats = self._encode(clips, camids)
+        return feats[:size].float().cpu()
+
+    def warm_up(self, with_camids: bool) -> float:
+        """Run every bucket once (compiling it when ``compile`` is on); returns the seconds spent."""
+        started = time.perf_counter()
+        height, width = self.model.config.image_size
+        for bucket in self.buckets:
+            clips = torch.zeros(bucket, self.model.seq_len, 3, height, width)
+            camids = torch.zeros(bucket, dtype=torch.long) if with_camids else None
+            self.encode(clips, camids)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        log.info(
+            "warmed up %d batch buckets (%s, %s%s) in %.1f s", len(self.buckets), self.device,
+            str(self.dtype).replace("torch.", ""), ", compiled" if self.compiled else "", seconds,
+        )
+        return seconds
