@@ -424,6 +424,31 @@ class GalleryIndex:
     def _position(self, internal: int) -> int:
         return int(np.searchsorted(self._ids, internal))
 
+    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of ``tracklet_ids``, float32 [N, D] (re-ranking reads a shortlist's).
+
+        Raises:
+            KeyError: naming the ids that are not in the index.
+        """
+        if self._vindex.index_type == "ivf" and not getattr(self, "_direct_map", False):
+            import faiss
+
+            with self._lock.write():  # IVF lists need an id -> slot map; built once
+                ivf = faiss.extract_index_ivf(self._vindex.index)
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                self._direct_map = True
+        with self._lock.read():
+            missing = [t for t in tracklet_ids if t not in self._id_of]
+            if missing:
+                raise KeyError(f"{self.path}: tracklets not in the index: {missing[:5]}")
+            ids = np.array([self._id_of[t] for t in tracklet_ids], dtype=np.int64)
+            if self._vindex.keeps_exact:
+                rows = np.searchsorted(self._vindex.exact_ids, ids)
+                return np.asarray(self._vindex.exact, dtype=np.float32)[rows]
+            if not len(ids):
+                return np.zeros((0, self.dim), dtype=np.float32)
+            return np.asarray(self._vindex.index.reconstruct_batch(ids), dtype=np.float32)
+
     def thumbnail(self, tracklet_id: str) -> bytes | None:
         """The tracklet's JPEG thumbnail, None when absent (unknown id or built without)."""
         with self._lock.read():
