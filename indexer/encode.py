@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from vvireid.model.base import ReIDModel
+from vvireid.model.device import resolve_device
 from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
 from vvireid.model.types import Modality, Tracklet
 
@@ -86,19 +87,14 @@ def make_thumbnail(image: Image.Image, max_height: int = THUMBNAIL_MAX_HEIGHT) -
     return out.getvalue()
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when torch sees a GPU, else CPU. Raises ValueError for unusable devices."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested, but torch sees no CUDA GPU")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
-    return resolved
+def thumbnail_frame(clip_indices: Sequence[Sequence[int]]) -> int:
+    """The frame a tracklet's thumbnail shows: the middle frame of the middle test clip.
+
+    One rule for the offline build and the server's queries, so a tracklet shows the same picture
+    whichever way it entered the gallery; it is always a frame the sampling rule decodes anyway.
+    """
+    middle_clip = clip_indices[len(clip_indices) // 2]
+    return middle_clip[len(middle_clip) // 2]
 
 
 class TrackletEncoder:
@@ -163,8 +159,7 @@ class TrackletEncoder:
         for i in sorted({i for clip in indices for i in clip}):
             images[i] = load_image(frames[i], names[i] if names is not None else None)
         clips = self.preprocessor.clips(images, names)
-        middle_clip = indices[len(indices) // 2]
-        return clips, make_thumbnail(images[middle_clip[len(middle_clip) // 2]])
+        return clips, make_thumbnail(images[thumbnail_frame(indices)])
 
     def encode_prepared(
         self, clip_sets: Sequence[torch.Tensor], camids: Sequence[int | None]

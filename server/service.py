@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from vvireid.indexer.encode import TrackletEncoder, make_thumbnail
+from vvireid.indexer.encode import TrackletEncoder, make_thumbnail, thumbnail_frame
 from vvireid.indexer.store import GalleryIndex, GalleryItem, Hit, IndexConflictError
 from vvireid.model.base import ReIDModel
 from vvireid.model.checkpoint import load_checkpoint
@@ -394,9 +394,7 @@ class QueryEngine:
         ]
         indices = self.encoder.preprocessor.clip_indices(len(frames))
         wanted = {i for clip in indices for i in clip}
-        # Thumbnail: the middle frame of the middle clip, as the offline indexer picks it.
-        middle_clip = indices[len(indices) // 2]
-        middle = middle_clip[len(middle_clip) // 2]
+        middle = thumbnail_frame(indices)  # the offline indexer's choice
         sources: list[Any] = []
         thumb_source: Image.Image | None = None
         for i, frame in enumerate(frames):

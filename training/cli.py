@@ -174,7 +174,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``eval``: both directions, JSON on stdout, report and pictures in ``--out``."""
     from vvireid.indexer.sources import load_dataset
     from vvireid.model.checkpoint import load_checkpoint, read_checkpoint_metadata
-    from vvireid.training.distributed import resolve_device
+    from vvireid.model.device import resolve_device
     from vvireid.training.report import (
         build_report,
         evaluate_model,
@@ -189,7 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
     fmt = args.dataset or meta["extra"].get("data_format")
     if not fmt:
         raise UsageError(f"{checkpoint}: does not record its dataset format; pass --dataset")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, local_rank=0)
     model = load_checkpoint(checkpoint, map_location=device)
     options = {"drop_last_rgb_batch": True} if fmt == "bupt" and args.drop_last_rgb_batch else {}
     splits = load_dataset(fmt, data_root, **options)

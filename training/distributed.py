@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from vvireid.model.device import resolve_device
 from vvireid.training.objectives.base import TrainBatch
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU.
-
-    Raises:
-        ValueError: ``cuda`` asked for on a machine without it, or an unknown preference.
-    """
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+# Under torchrun each process takes the GPU of its LOCAL_RANK, so a numbered cuda:N is refused.
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
 
 
 def init_distributed(preference: str = "auto") -> DistInfo:
@@ -83,7 +73,9 @@ def init_distributed(preference: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(preference, local_rank)
+    if preference not in TRAIN_DEVICES:
+        raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+    device = resolve_device(preference, local_rank=local_rank)
     if world_size <= 1:
         return DistInfo(0, 1, 0, device)
     if device.type == "cuda":

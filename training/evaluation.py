@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vvireid.model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def evaluate(
     *,
     filter_same_camera: bool,
     max_rank: int = 20,
-    device: str = "auto",
+    device: str | torch.device = "auto",
 ) -> EvalResult:
     """CMC, mAP and mINP of a query x gallery distance matrix, as the official evaluators compute.
 
@@ -120,7 +121,7 @@ def evaluate(
     max_rank = min(max_rank, ng)
     q_code, g_code = _shared_codes(q_pid, g_pid)
 
-    rows, cols, gidx = _ranked_matches(dist, q_code, g_code, _resolve_device(device))
+    rows, cols, gidx = _ranked_matches(dist, q_code, g_code, _sort_device(device))
     if filter_same_camera:
         removed = g_cam[gidx] == q_cam[rows]
     else:
@@ -215,15 +216,10 @@ def _shared_codes(q_pid: np.ndarray, g_pid: np.ndarray) -> tuple[np.ndarray, np.
     return codes[: len(q_pid)], codes[len(q_pid) :]
 
 
-def _resolve_device(device: str) -> torch.device | None:
+def _sort_device(device: str | torch.device) -> torch.device | None:
     """None means the numpy path; a torch device means sorting there."""
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or a torch device, got {device!r}") from exc
-    return None if dev.type == "cpu" else dev
+    resolved = resolve_device(device)
+    return None if resolved.type == "cpu" else resolved
 
 
 # ---------------------------------------------------------------------------------------------
