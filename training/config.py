@@ -56,22 +56,25 @@ class DataSection:
     """How batches are drawn and decoded.
 
     A batch holds ``ids_per_batch`` identities x ``tracklets_per_id`` tracklets per modality
-    (visible then infrared); on paired datasets (BUPTCampus) ``tracklets_per_id`` counts cameras,
-    each giving one aligned visible/infrared pair. ``test_sampling`` None means the dataset's
-    official test rule. ``pair_flip`` adds VLD's BUPTCampus tracklet-level flip shared by an aligned
-    pair. ``on_bad_frame``: ``fail`` stops on an unreadable frame, ``skip`` substitutes a neighbour.
-    ``options`` are passed to the dataset reader (e.g. ``min_seq_len``).
+    (visible then infrared). ``sampler`` (``vvireid.training.data.samplers.build_sampler``):
+    ``identity`` draws a person's visible and infrared tracklets independently (VCM; X-ReID on
+    BUPTCampus); ``camera_pairs`` draws aligned visible/infrared twins from distinct cameras (VLD
+    on BUPTCampus), and then ``tracklets_per_id`` counts cameras. ``test_sampling`` None means the
+    dataset's official test rule. ``pair_flip`` adds VLD's BUPTCampus tracklet-level flip shared by
+    an aligned pair. ``on_bad_frame``: ``fail`` stops on an unreadable frame, ``skip`` substitutes a
+    neighbour. ``options`` are the dataset reader's own options, the one place to set them (e.g.
+    ``min_seq_len`` for HITSZ-VCM, ``drop_last_rgb_batch`` for BUPTCampus).
     """
 
     format: str = "hitsz-vcm"
     ids_per_batch: int = 4
     tracklets_per_id: int = 4
+    sampler: str = "identity"
     train_sampling: str = "rrs_train"
     test_sampling: str | None = None
     num_workers: int = 4
     on_bad_frame: str = "fail"
     pair_flip: bool = False
-    bupt_drop_last_rgb_batch: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -360,6 +363,7 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Value checks that types cannot express (choices, ranges, schedule consistency)."""
     from vvireid.model.sampling import TEST_RULES, TRAIN_RULES
+    from vvireid.training.data.samplers import SAMPLERS
 
     optim, sched, data = config.optim, config.optim.schedule, config.data
     _choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
@@ -367,6 +371,7 @@ def validate(config: TrainConfig) -> None:
     _choice("precision", config.precision, PRECISIONS)
     _choice("data.on_bad_frame", data.on_bad_frame, ON_BAD_FRAME)
     _choice("data.train_sampling", data.train_sampling, TRAIN_RULES)
+    _choice("data.sampler", data.sampler, SAMPLERS)
     if data.test_sampling is not None:
         _choice("data.test_sampling", data.test_sampling, TEST_RULES)
     for where, value in (("optim.lr", optim.lr), ("optim.epochs", optim.epochs),

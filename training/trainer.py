@@ -51,7 +51,11 @@ from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
 from vvireid.model.sampling import sample_train
 from vvireid.model.types import Modality, Tracklet
 from vvireid.training.config import TrainConfig, config_from_dict
-from vvireid.training.data.samplers import BUPTCameraPairSampler, CrossModalityIdentitySampler
+from vvireid.training.data.samplers import (
+    BUPTCameraPairSampler,
+    CrossModalityIdentitySampler,
+    build_sampler,
+)
 from vvireid.training.data.transforms import build_train_transform
 from vvireid.training.data.video_dataset import FrameLoader, TrainClipDataset
 from vvireid.training.distributed import (
@@ -349,8 +353,6 @@ class Trainer:
     def _load_dataset(self) -> DatasetSplits:
         data = self.config.data
         options = dict(data.options)
-        if data.format == "bupt":
-            options.setdefault("drop_last_rgb_batch", data.bupt_drop_last_rgb_batch)
         if not self.data_root.exists():
             raise TrainingError(f"{self.data_root}: data root does not exist")
         try:
@@ -384,7 +386,7 @@ class Trainer:
                                           pair_flip=cfg.data.pair_flip)
         self.train_set = TrainClipDataset(
             splits.train, transform, seq_len=m.seq_len, sampling=cfg.data.train_sampling,
-            aligned_pairs=splits.train_pairs is not None, seed=cfg.seed,
+            aligned_pairs=self.sampler.aligned_frames, seed=cfg.seed,
             on_bad_frame=cfg.data.on_bad_frame,
         )
         workers = cfg.data.num_workers
@@ -394,20 +396,13 @@ class Trainer:
         )
 
     def _sampler(self) -> CrossModalityIdentitySampler | BUPTCameraPairSampler:
-        data, splits, dist = self.config.data, self.splits, self.dist
-        iters = self.config.optim.iters_per_epoch
+        data, dist = self.config.data, self.dist
         try:
-            if splits.train_pairs is not None:
-                if data.tracklets_per_id != 2:
-                    raise ValueError(
-                        f"data.tracklets_per_id must be 2 for {splits.name} (one aligned pair from "
-                        f"each of 2 cameras per identity), got {data.tracklets_per_id}"
-                    )
-                return BUPTCameraPairSampler.from_splits(
-                    splits, data.ids_per_batch, iters, self.config.seed, dist.rank, dist.world_size)
-            return CrossModalityIdentitySampler.from_splits(
-                splits, data.ids_per_batch, data.tracklets_per_id, iters, self.config.seed,
-                dist.rank, dist.world_size)
+            return build_sampler(
+                data.sampler, self.splits, ids_per_batch=data.ids_per_batch,
+                tracklets_per_id=data.tracklets_per_id,
+                num_batches=self.config.optim.iters_per_epoch, seed=self.config.seed,
+                rank=dist.rank, world_size=dist.world_size)
         except ValueError as exc:
             raise TrainingError(f"cannot build batches from {self.data_root}: {exc}") from None
 

@@ -9,6 +9,7 @@ from vvireid.training.data.samplers import (
     BUPTCameraPairSampler,
     CrossModalityIdentitySampler,
     TrainKey,
+    build_sampler,
 )
 
 
@@ -132,3 +133,48 @@ def test_bupt_sampler_determinism_and_ranks():
     ]
     for s0, s1, whole in zip(shares[0], shares[1], b.global_batches(), strict=True):
         assert s0 + s1 == whole and not {k.rgb for k in s0} & {k.rgb for k in s1}
+
+
+def test_bupt_pass_continues_across_epochs_as_the_official_iterloader():
+    """Epochs are consecutive slices of one endless sequence of passes, not a fresh pass each."""
+    splits = bupt_like_splits()
+
+    def epochs(num_batches, count):
+        sampler = BUPTCameraPairSampler.from_splits(splits, 2, num_batches, seed=7)
+        out = []
+        for epoch in range(count):
+            sampler.set_epoch(epoch)
+            out += list(sampler)
+        return out
+
+    pass_length = BUPTCameraPairSampler.from_splits(splits, 2, 1, seed=7)._pass_length(0)
+    assert pass_length > 3  # so an epoch of 3 batches ends inside the first pass
+    assert epochs(3, 4) == epochs(12, 1)
+    first_pass = [(k.rgb, k.ir) for batch in epochs(3, 4)[:pass_length] for k in batch]
+    assert len(first_pass) == len(set(first_pass))  # no pair repeats across the epoch boundary
+    resumed = BUPTCameraPairSampler.from_splits(splits, 2, 3, seed=0)
+    resumed.load_state_dict({"seed": 7, "epoch": 2})
+    assert list(resumed) == epochs(3, 4)[6:9]
+
+
+def test_identity_sampler_is_the_default_draw_on_aligned_datasets():
+    """X-ReID's official BUPT draw: visible and infrared tracklets of a person drawn independently,
+    every identity eligible (also one seen by a single camera), frames not shared."""
+    splits = bupt_like_splits()
+    sampler = build_sampler("identity", splits, ids_per_batch=4, tracklets_per_id=2,
+                            num_batches=200, seed=1)
+    assert isinstance(sampler, CrossModalityIdentitySampler) and not sampler.aligned_frames
+    keys = [k for batch in sampler for k in batch]
+    assert 50 in {splits.train[k.rgb].pid for k in keys}
+    twins = sum((k.rgb, k.ir) in splits.train_pairs for k in keys)
+    assert 0 < twins < len(keys)  # independent draws: twins only by chance
+    pairs = build_sampler("camera_pairs", splits, ids_per_batch=4, tracklets_per_id=2,
+                          num_batches=5)
+    assert isinstance(pairs, BUPTCameraPairSampler) and pairs.aligned_frames
+    with pytest.raises(ValueError, match="tracklets_per_id must be 2"):
+        build_sampler("camera_pairs", splits, ids_per_batch=4, tracklets_per_id=3, num_batches=5)
+    with pytest.raises(ValueError, match="aligned RGB/IR twins"):
+        build_sampler("camera_pairs", vcm_like_splits(), ids_per_batch=4, tracklets_per_id=2,
+                      num_batches=5)
+    with pytest.raises(ValueError, match="not one of identity, camera_pairs"):
+        build_sampler("pairs", splits, ids_per_batch=4, tracklets_per_id=2, num_batches=5)

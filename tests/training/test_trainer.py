@@ -208,12 +208,34 @@ def test_bupt_aligned_pairs_train_and_evaluate_without_camera_filter(synth_datas
     root = synth_dataset("bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
                           frames=(8, 10), image_size=(64, 32))
     run = tmp_path / "bupt"
-    report = _fit(root, run, ["data.format=bupt", "data.train_sampling=random_sorted",
-                              "data.pair_flip=true", "augment=vld", "optim.epochs=1",
-                              "optim.iters_per_epoch=2"])
+    report = _fit(root, run, ["data.format=bupt", "data.sampler=camera_pairs",
+                              "data.train_sampling=random_sorted", "data.pair_flip=true",
+                              "augment=vld", "optim.epochs=1", "optim.iters_per_epoch=2"])
     assert report["dataset"] == "bupt"
     assert any("none (BUPTCampus rule)" in note for note in report["protocol"])
     assert any("uniform" in note for note in report["protocol"])
     assert [r["iteration"] for r in read_metrics(run) if r["kind"] == "train"] == [0, 1]
     with pytest.raises(TrainingError, match="tracklets_per_id must be 2"):
-        _fit(root, tmp_path / "bad", ["data.format=bupt", "data.tracklets_per_id=3"])
+        _fit(root, tmp_path / "bad", ["data.format=bupt", "data.sampler=camera_pairs",
+                                      "data.tracklets_per_id=3"])
+    twins = Trainer(load_config("smoke", ["data.format=bupt", "data.sampler=camera_pairs"]),
+                    root, tmp_path / "twins", device="cpu")
+    assert twins.train_set.aligned_pairs
+
+
+def test_bupt_default_draw_is_independent_as_x_reid_official(synth_dataset, tmp_path):
+    """The default sampler on an aligned dataset draws visible and infrared tracklets and their
+    frames independently; the recipe's reader option is the one way to set drop_last_rgb_batch."""
+    root = synth_dataset("bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
+                          frames=(8, 10), image_size=(64, 32))
+    trainer = Trainer(load_config("smoke", ["data.format=bupt",
+                                            "data.options={drop_last_rgb_batch: true}"]),
+                      root, tmp_path / "run", device="cpu")
+    assert type(trainer.sampler).__name__ == "CrossModalityIdentitySampler"
+    assert not trainer.train_set.aligned_pairs
+    assert trainer.splits.extra["drop_last_rgb_batch"] is True
+    recipe = load_config("xreid_bupt")
+    assert recipe.data.sampler == "identity" and recipe.data.options == {"drop_last_rgb_batch": False}
+    assert load_config("vld_bupt").data.sampler == "camera_pairs"
+    with pytest.raises(ValueError, match="bupt_drop_last_rgb_batch"):
+        load_config("smoke", ["data.bupt_drop_last_rgb_batch=true"])

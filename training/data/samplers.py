@@ -11,7 +11,18 @@ Every batch is a function of ``(seed, epoch, batch number)`` only, which makes t
 deterministic and resumable from ``state_dict()`` (seed and epoch). With ``world_size > 1`` every
 rank draws the same global batch and keeps the identities of its share (``ids_per_batch`` must
 be divisible by ``world_size``), so the union over ranks is the global batch and shares are
-disjoint. Unlike the official code, index lists are regenerated each epoch (``set_epoch``).
+disjoint.
+
+Two kinds (``data.sampler``, built by :func:`build_sampler`, which checks the kind against the
+dataset so the trainer never asks which dataset it has):
+
+* ``identity`` (:class:`CrossModalityIdentitySampler`): the official ``IdentitySampler`` of VLD
+  and X-ReID on HITSZ-VCM, and X-ReID's draw on BUPTCampus too: a person's visible and infrared
+  tracklets are drawn independently, and the clip dataset samples their frames independently.
+  Index lists are regenerated each epoch (VLD does so; X-ReID builds one list and repeats it).
+* ``camera_pairs`` (:class:`BUPTCameraPairSampler`): VLD's BUPTCampus ``RandomIdentitySampler``
+  over pixel-aligned RGB/IR twins that share frame indices. Its pass over the chunks continues
+  from one epoch to the next, as the official ``IterLoader`` does.
 """
 
 from __future__ import annotations
@@ -39,9 +50,14 @@ class TrainKey(NamedTuple):
 
 
 class _EpochBatches:
-    """Shared machinery: epochs, rank shares, state."""
+    """Shared machinery: epochs, rank shares, state.
+
+    ``aligned_frames`` tells the clip dataset whether an item's two tracklets are pixel-aligned
+    twins that must share frame indices.
+    """
 
     tag = 0
+    aligned_frames = False
 
     def __init__(
         self, ids_per_batch: int, num_batches: int, seed: int, rank: int, world_size: int
@@ -194,8 +210,12 @@ class BUPTCameraPairSampler(_EpochBatches):
     One pass, as the official ``RandomIdentitySampler``: per identity, repeatedly pick 2 distinct
     cameras that still hold unused pairs and take one pair of each (without replacement), giving
     that identity's chunks; then, while at least P identities hold chunks, pick P of them at random
-    and take the first chunk of each. Passes repeat until ``num_batches`` batches are made.
-    Identities recorded by a single camera never appear.
+    and take the first chunk of each. Identities recorded by a single camera never appear.
+
+    Passes follow each other without regard to epochs, as the official ``IterLoader`` re-samples
+    only when a pass is exhausted: epoch ``e`` yields global batches ``e * num_batches`` onwards of
+    the endless sequence pass 0, pass 1, ... Pass ``k`` is a function of ``(seed, k)`` alone, so an
+    epoch is still reproducible (and resumable) from ``(seed, epoch)``; pass lengths are cached.
 
     Args:
         pair_pids, pair_camids: pid and camid of each aligned pair.
@@ -205,6 +225,7 @@ class BUPTCameraPairSampler(_EpochBatches):
     """
 
     tag = 2
+    aligned_frames = True
 
     def __init__(
         self,
@@ -230,6 +251,10 @@ class BUPTCameraPairSampler(_EpochBatches):
                 f"only {len(self.pids)} identities are seen by 2+ cameras; "
                 f"a batch needs {ids_per_batch}"
             )
+        single = len(self._by_pid) - len(self.pids)
+        if single:
+            log.warning("%d identities are seen by one camera only and are never sampled", single)
+        self._pass_lengths: dict[int, list[int]] = {}  # seed -> batches in pass 0, 1, ...
 
     @classmethod
     def from_splits(
@@ -267,14 +292,81 @@ class BUPTCameraPairSampler(_EpochBatches):
         rgb, ir = self.pairs[position]
         return TrainKey(int(rgb), int(ir), int(rng.integers(0, _DRAW_MAX)))
 
+    def _pass(self, number: int) -> Iterator[list[list[TrainKey]]]:
+        """The batches of pass ``number`` (at least one: every sampled pid holds a chunk)."""
+        rng = np.random.default_rng([self.seed, self.tag, number])
+        chunks = self._chunks(rng)
+        while True:
+            ready = [pid for pid in self.pids if chunks[pid]]
+            if len(ready) < self.ids_per_batch:
+                return
+            chosen = rng.choice(ready, self.ids_per_batch, replace=False)
+            yield [[self._key(p, rng) for p in chunks[int(pid)].pop(0)] for pid in chosen]
+
+    def _pass_length(self, number: int) -> int:
+        lengths = self._pass_lengths.setdefault(self.seed, [])
+        while len(lengths) <= number:
+            lengths.append(sum(1 for _ in self._pass(len(lengths))))
+        return lengths[number]
+
     def _global_batches(self, rng: np.random.Generator) -> Iterator[list[list[TrainKey]]]:
+        """This epoch's slice of the endless pass sequence (``rng`` is unused: passes own theirs)."""
+        number, skip = 0, self.epoch * self.num_batches
+        while skip >= self._pass_length(number):
+            skip -= self._pass_length(number)
+            number += 1
         made = 0
-        while made < self.num_batches:
-            chunks = self._chunks(rng)
-            while made < self.num_batches:
-                ready = [pid for pid in self.pids if chunks[pid]]
-                if len(ready) < self.ids_per_batch:
-                    break
-                chosen = rng.choice(ready, self.ids_per_batch, replace=False)
-                yield [[self._key(p, rng) for p in chunks[int(pid)].pop(0)] for pid in chosen]
+        while True:
+            for position, batch in enumerate(self._pass(number)):
+                if position < skip:
+                    continue
+                yield batch
                 made += 1
+                if made == self.num_batches:
+                    return
+            number, skip = number + 1, 0
+
+
+SAMPLERS = ("identity", "camera_pairs")
+
+
+def build_sampler(
+    kind: str,
+    splits: DatasetSplits,
+    *,
+    ids_per_batch: int,
+    tracklets_per_id: int,
+    num_batches: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CrossModalityIdentitySampler | BUPTCameraPairSampler:
+    """The ``kind`` sampler over ``splits.train``, checked against what the dataset offers.
+
+    ``identity`` works on every dataset; ``camera_pairs`` needs aligned twins
+    (``splits.train_pairs``, BUPTCampus) and counts cameras in ``tracklets_per_id`` (must be 2).
+    The trainer asks this factory for its sampler, so dataset knowledge stays here and in the
+    reader.
+
+    Raises:
+        ValueError: an unknown kind, a kind the dataset cannot serve, or too few identities.
+    """
+    if kind == "identity":
+        return CrossModalityIdentitySampler.from_splits(
+            splits, ids_per_batch, tracklets_per_id, num_batches, seed, rank, world_size
+        )
+    if kind == "camera_pairs":
+        if splits.train_pairs is None:
+            raise ValueError(
+                f"data.sampler camera_pairs needs aligned RGB/IR twins, which dataset "
+                f"{splits.name!r} does not have; use data.sampler=identity"
+            )
+        if tracklets_per_id != 2:
+            raise ValueError(
+                f"data.tracklets_per_id must be 2 for data.sampler camera_pairs (one aligned pair "
+                f"from each of 2 cameras per identity), got {tracklets_per_id}"
+            )
+        return BUPTCameraPairSampler.from_splits(
+            splits, ids_per_batch, num_batches, seed, rank, world_size
+        )
+    raise ValueError(f"data.sampler: {kind!r} is not one of {', '.join(SAMPLERS)}")
