@@ -223,7 +223,9 @@ def official_rgb_drop(
     return [t for t in tracklets if id(t) not in dropped]
 
 
-def load_buptcampus(root: str | Path, *, drop_last_rgb_batch: bool = False) -> DatasetSplits:
+def load_buptcampus(
+    root: str | Path, *, drop_last_rgb_batch: bool = False, strict: bool = True
+) -> DatasetSplits:
     """Read BUPTCampus from ``root`` (the folder holding data_paths.json, or its DATA folder).
 
     Args:
@@ -231,9 +233,12 @@ def load_buptcampus(root: str | Path, *, drop_last_rgb_batch: bool = False) -> D
         drop_last_rgb_batch: reproduce the official test loader, which silently drops the last
             ``len(RGB) % 64`` RGB tracklets of query.txt and of gallery.txt (28 and 54 on the real
             data). Off by default: every listed tracklet is evaluated (as X-ReID does).
+        strict: raise on any problem. False keeps what parses, skips the rest and lists every
+            problem in ``extra['problems']`` (``data check`` then examines the remaining frames).
 
     Raises:
-        DatasetError: listing every missing file, malformed line and unknown tracklet.
+        DatasetError: listing every missing file, malformed line and unknown tracklet (with
+            ``strict=False`` only when data_paths.json is unusable).
     """
     root = _find_root(Path(root).expanduser().resolve())
     problems: list[str] = []
@@ -250,9 +255,11 @@ def load_buptcampus(root: str | Path, *, drop_last_rgb_batch: bool = False) -> D
     train = _pairs(reader, train_lines, labels)
     auxiliary = _pairs(reader, aux_lines, None)
     query, gallery = _singles(reader, query_lines), _singles(reader, gallery_lines)
-    if problems:
+    if problems and strict:
         raise DatasetError(problems)
-    return _assemble(train, auxiliary, query, gallery, labels, drop_last_rgb_batch, warnings)
+    splits = _assemble(train, auxiliary, query, gallery, labels, drop_last_rgb_batch, warnings)
+    splits.extra["problems"] = problems
+    return splits
 
 
 def _assemble(

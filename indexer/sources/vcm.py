@@ -243,15 +243,21 @@ def _tracklets(
     return out
 
 
-def load_hitsz_vcm(root: str | Path, *, min_seq_len: int = MIN_SEQ_LEN) -> DatasetSplits:
+def load_hitsz_vcm(
+    root: str | Path, *, min_seq_len: int = MIN_SEQ_LEN, strict: bool = True
+) -> DatasetSplits:
     """Read HITSZ-VCM from ``root`` (the folder holding ``info/``).
 
     Args:
         root: dataset folder, either layout (see module docstring).
         min_seq_len: tracklets shorter than this are dropped from every split (official: 12).
+        strict: raise on any problem (training must not run on a damaged list). False keeps
+            what parses, skips the rest and lists every problem in ``extra['problems']``, so that
+            ``data check`` can go on to examine the frames of the lines that did parse.
 
     Raises:
-        DatasetError: listing every missing file, malformed line and missing identity folder.
+        DatasetError: listing every missing file, malformed line and missing identity folder
+            (with ``strict=False`` only when an info file is missing or unreadable).
     """
     root = Path(root).expanduser().resolve()
     info = root / "info"
@@ -280,9 +286,11 @@ def load_hitsz_vcm(root: str | Path, *, min_seq_len: int = MIN_SEQ_LEN) -> Datas
     test_all = _tracklets(
         "test", test_rows, info / "track_test_info.txt", test_resolver, problems, warnings
     )
-    if problems:
+    if problems and strict:
         raise DatasetError(problems)
-    return _assemble(train_all, test_all, test_rows, query_rows, min_seq_len, warnings)
+    splits = _assemble(train_all, test_all, test_rows, query_rows, min_seq_len, warnings)
+    splits.extra["problems"] = problems
+    return splits
 
 
 def _assemble(
@@ -298,7 +306,7 @@ def _assemble(
 
     by_line = {row.line - 1: t for row, t in zip(test_rows, test_all, strict=True)}
     query_set = set(query_rows)
-    query = [by_line[i] for i in query_rows if keep(by_line[i])]
+    query = [by_line[i] for i in query_rows if keep(by_line.get(i))]  # a bad row is skipped
     gallery = [t for i, t in sorted(by_line.items()) if i not in query_set and keep(t)]
     for t in query:
         if t.modality != Modality.INFRARED:

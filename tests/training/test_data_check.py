@@ -63,7 +63,7 @@ def test_check_lists_every_problem_with_file_and_line(tmp_path, capsys):
     assert any(str(frames[1]) in p and "not a readable image" in p for p in report["problems"])
 
 
-def test_check_reports_all_malformed_lines_then_stops(tmp_path, capsys):
+def test_check_reports_all_malformed_lines_and_still_checks_frames(tmp_path, capsys):
     root = tmp_path / "bupt"
     run(["data", "synth", "--out", str(root), "--format", "bupt", *TINY], capsys)
     with open(root / "query.txt", "a") as stream:
@@ -75,7 +75,26 @@ def test_check_reports_all_malformed_lines_then_stops(tmp_path, capsys):
     assert code == 1 and report["num_problems"] == 2 and len(report["problems"]) == 1
     assert "query.txt:3: camera: unknown camera 'NOPE'" in err
     assert "... and 1 more" in err
-    assert report["summary"] is None
+    assert report["summary"] is not None and report["frames_checked"] > 0
+
+
+def test_check_reports_a_bad_line_and_a_missing_frame_together(tmp_path, capsys):
+    """A malformed track line must not hide the frame problems of the lines that did parse."""
+    root = tmp_path / "vcm"
+    run(["data", "synth", "--out", str(root), "--format", "hitsz-vcm", *TINY], capsys)
+    info = root / "info" / "track_test_info.txt"
+    lines = info.read_text().splitlines()
+    lines[1] = "1 2 oops 4 5"
+    info.write_text("\n".join(lines) + "\n")
+    missing = sorted((root / "Train").rglob("*.jpg"))[0]
+    missing.unlink()
+    code, out, _ = run(["data", "check", "--format", "hitsz-vcm", str(root)], capsys)
+    report = json.loads(out)
+    assert code == 1 and report["num_problems"] == 2, report["problems"]
+    bad_line, no_frame = sorted(report["problems"], key=lambda p: "does not exist" in p)
+    assert bad_line.startswith(f"{info}:2: line: not all integers")
+    assert f"{missing} does not exist" in no_frame and "train_name.txt:" in no_frame
+    assert report["summary"]["splits"]["train"]["visible"]["tracklets"] > 0
 
 
 def test_check_missing_dataset_and_bad_manifest(tmp_path, capsys):

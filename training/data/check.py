@@ -2,11 +2,15 @@
 
 The check reads the lists with the same reader training uses, then verifies that every frame
 exists and, with ``deep``, decodes it. It collects every problem (``file:line: field: reason``)
-instead of stopping at the first, since fixing a dataset is easier from the full list.
+instead of stopping at the first, since fixing a dataset is easier from the full list: readers
+that can (``strict=False``) skip the lines they cannot parse and hand over the rest, whose frames
+are then examined too. Only a file that cannot be read at all (or a malformed manifest) ends the
+check early.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -117,11 +121,15 @@ def check_dataset(
             f"format: unknown dataset format {fmt!r}; known: {', '.join(DATASETS)}"
         )
         return report
+    reader = DATASETS[fmt]
+    if "strict" in inspect.signature(reader).parameters:
+        options = {**options, "strict": False}
     try:
-        splits = DATASETS[fmt](root, **options)
+        splits = reader(root, **options)
     except (DatasetError, ManifestError) as exc:
         report.problems += exc.problems
         return report
+    report.problems += splits.extra.get("problems", [])
     report.warnings += splits.extra.get("warnings", [])
     report.summary = splits.summary()
     if "auxiliary" in splits.extra:
