@@ -36,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="vvireid-train", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
-    commands = parser.add_subparsers(dest="command", metavar="{fit,eval,data}")
+    commands = parser.add_subparsers(dest="command", metavar="{fit,eval,calibrate,data}")
     commands.required = True
     _add_fit(commands)
     _add_eval(commands)
+    _add_calibrate(commands)
     add_data_parser(commands)
     return parser
 
@@ -80,6 +81,25 @@ def _add_eval(commands: Any) -> None:
                     help="BUPTCampus: reproduce the official loader's RGB drop")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ev.set_defaults(func=run_eval)
+
+
+def _add_calibrate(commands: Any) -> None:
+    cal = commands.add_parser("calibrate", help="fit what score means 'same person' for a "
+                              "checkpoint (writes <checkpoint>.calibration.json and a histogram)")
+    cal.add_argument("--checkpoint", required=True, help="model.safetensors written by fit")
+    cal.add_argument("--data-root", help=f"labelled dataset folder (default: ${DATA_ROOT_ENV})")
+    cal.add_argument("--format", choices=("hitsz-vcm", "bupt", "manifest"),
+                     help="dataset format (default: the one the checkpoint was trained on); "
+                     "'manifest' reads a labelled manifest")
+    cal.add_argument("--split", choices=("test", "train"), default="test",
+                     help="labelled tracklets to pair (default: test, which training never saw)")
+    cal.add_argument("--prior", type=float, default=0.5,
+                     help="prior probability of a same-identity pair (default 0.5: even odds)")
+    cal.add_argument("--out", help="calibration JSON path (default: <checkpoint>.calibration.json)")
+    cal.add_argument("--batch-size", type=int, default=32)
+    cal.add_argument("--num-workers", type=int, default=2)
+    cal.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cal.set_defaults(func=run_calibrate)
 
 
 def _data_root(value: str | None) -> Path:
@@ -209,6 +229,25 @@ def run_eval(args: argparse.Namespace) -> int:
     report["files"] = write_eval_outputs(out, report, results,
                                          filter_same_camera=splits.filter_same_camera)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Handler of ``calibrate``: fit, store beside the checkpoint, print the summary as JSON."""
+    from vvireid.model.checkpoint import read_checkpoint_metadata
+    from vvireid.training.calibrate import calibrate_checkpoint
+    from vvireid.training.distributed import resolve_device
+
+    configure_logging(args.verbose)
+    checkpoint = Path(args.checkpoint).expanduser()
+    fmt = args.format or read_checkpoint_metadata(checkpoint)["extra"].get("data_format")
+    if not fmt:
+        raise UsageError(f"{checkpoint}: does not record its dataset format; pass --format")
+    summary = calibrate_checkpoint(checkpoint, _data_root(args.data_root), fmt, split=args.split,
+                                   device=resolve_device(args.device), prior=args.prior,
+                                   batch_size=args.batch_size, num_workers=args.num_workers,
+                                   out=args.out)
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
