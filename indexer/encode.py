@@ -97,6 +97,32 @@ def thumbnail_frame(clip_indices: Sequence[Sequence[int]]) -> int:
     return middle_clip[len(middle_clip) // 2]
 
 
+def tracklet_features(
+    clip_feats: torch.Tensor, counts: Sequence[int] | torch.Tensor, similarity: str
+) -> torch.Tensor:
+    """One feature per tracklet from its clips' features: evaluation and the index share this.
+
+    ``clip_feats`` are the model's *un-normalised* clip features (``encode(normalize=False)``),
+    rows grouped by tracklet, ``counts[i]`` clips for tracklet i. Each group is averaged and the
+    mean is then L2-normalised when the similarity is cosine. This is the official order of
+    X-ReID's dense evaluator (average the post-BN clip features, then ``FEAT_NORM``); averaging
+    clips that were normalised one by one would weight them equally whatever their norm and give
+    a different vector. VLD ranks raw inner products, so its mean is left as it is (its official
+    code has no multi-clip test feature; the raw mean is the only order consistent with it).
+    With one clip per tracklet the result is exactly ``encode``'s.
+
+    Shape: clip_feats [sum(counts), D] -> [len(counts), D] float32.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    feats = clip_feats.float().cpu()
+    sums = torch.zeros(len(counts), feats.shape[1]).index_add_(0, owner, feats)
+    means = sums / counts[:, None].clamp(min=1).to(sums.dtype)
+    if similarity == "cosine":
+        means = torch.nn.functional.normalize(means, dim=1)
+    return means
+
+
 class TrackletEncoder:
     """Encodes tracklets with a loaded model; see the module docstring.
 
@@ -166,9 +192,9 @@ class TrackletEncoder:
     ) -> np.ndarray:
         """Encode many prepared tracklets in as few model calls as ``batch_size`` allows.
 
-        The clips of all items are concatenated and run in chunks of ``batch_size``; the features
-        of an item's clips are averaged, then L2-normalised when the model's similarity is cosine
-        (VLD ranks raw inner products, so its vectors are left as they are).
+        The clips of all items are concatenated and run in chunks of ``batch_size``; each item's
+        vector comes from :func:`tracklet_features` (un-normalised clip features averaged, then
+        L2-normalised when the model's similarity is cosine).
 
         Shape: clip_sets: n tensors [C_i, T, 3, H, W]; camids: n ints or None -> float32 [n, D].
         """
@@ -186,10 +212,7 @@ class TrackletEncoder:
             if len(group):
                 cams = [clip_camids[i] for i in group.tolist()]
                 feats[group] = self._run(clips[group], None if cams[0] is None else cams)
-        sums = torch.zeros(len(clip_sets), self.dim).index_add_(0, owner, feats)
-        means = sums / counts[:, None].to(sums.dtype)
-        if self.similarity == "cosine":
-            means = torch.nn.functional.normalize(means, dim=1)
+        means = tracklet_features(feats, counts, self.similarity)
         return means.numpy().astype(np.float32, copy=False)
 
     def _run(self, clips: torch.Tensor, camids: list[int] | None) -> torch.Tensor:
@@ -201,7 +224,7 @@ class TrackletEncoder:
             if camids is not None:
                 cam = torch.tensor(camids[start : start + self.batch_size], device=self.device)
             with self._autocast():
-                out.append(self.model.encode(batch, cam).float().cpu())
+                out.append(self.model.encode(batch, cam, normalize=False).float().cpu())
         return torch.cat(out)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

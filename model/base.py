@@ -69,8 +69,15 @@ class ReIDModel(nn.Module):
             )
 
     @torch.no_grad()
-    def encode(self, clips: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, clips: torch.Tensor, camids: torch.Tensor | None = None, *, normalize: bool = True
+    ) -> torch.Tensor:
         """The retrieval feature of each clip, computed in eval mode.
+
+        With ``similarity == "cosine"`` the feature is L2-normalised; ``normalize=False`` returns
+        it before that step, because a tracklet of several clips averages the un-normalised clip
+        features and normalises the mean (X-ReID's official dense evaluation order; see
+        ``vvireid.indexer.encode.tracklet_features``, the one place that does it).
 
         Shape: clips [B, T, 3, H, W], camids [B] or None -> feats [B, embed_dim].
         """
@@ -78,11 +85,15 @@ class ReIDModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._encode(clips, camids)
+            feats = self._encode(clips, camids)
         finally:
             self.train(was_training)
+        if normalize and self.similarity == "cosine":
+            feats = torch.nn.functional.normalize(feats, dim=1)
+        return feats
 
     def _encode(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        """The clip feature before any normalisation (``encode`` applies the similarity's)."""
         raise NotImplementedError
 
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
+from vvireid.indexer.encode import tracklet_features
 from vvireid.indexer.sources.splits import DIRECTIONS, DatasetSplits
 from vvireid.model.base import ReIDModel
 from vvireid.model.fileio import write_atomic
@@ -66,8 +67,10 @@ def encode_tracklets(
 ) -> np.ndarray | None:
     """Retrieval features ``[N, D]`` (float32) of ``tracklets``, in fp32 and eval mode.
 
-    Clips of one tracklet (several under ``dense``) are averaged. With several ranks each encodes
-    a strided share and rank 0 receives all features; other ranks get None.
+    Clips of one tracklet (several under ``dense``) are combined by
+    ``vvireid.indexer.encode.tracklet_features``, as the indexer does: un-normalised clip features
+    averaged, then L2-normalised for a cosine model. With several ranks each encodes a strided share
+    and rank 0 receives all features; other ranks get None.
     """
     dist = dist or DistInfo()
     share = list(range(dist.rank, len(tracklets), dist.world_size))
@@ -79,9 +82,11 @@ def encode_tracklets(
     feats: dict[int, np.ndarray] = {}
     for clips, counts, local in loader:
         clip_camids = camids[local].repeat_interleave(counts)
-        out = model.encode(clips.to(device, non_blocking=True), clip_camids.to(device)).float()
-        for position, part in zip(local.tolist(), torch.split(out, counts.tolist()), strict=True):
-            feats[share[position]] = part.mean(dim=0).cpu().numpy()
+        out = model.encode(clips.to(device, non_blocking=True), clip_camids.to(device),
+                           normalize=False)
+        means = tracklet_features(out, counts, model.similarity).numpy()
+        for position, row in zip(local.tolist(), means, strict=True):
+            feats[share[position]] = row
     gathered = all_gather_objects(dist, feats) if dist.enabled else [feats]
     if not dist.is_main:
         return None

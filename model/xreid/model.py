@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vvireid.model.base import ReIDModel
 from vvireid.model.config import ModelConfig
@@ -333,7 +332,7 @@ class XReID(ReIDModel):
         if self.has_mii:
             assert self.head_mii is not None
             parts.append(self.head_mii.bn(self._fuse(self._mii_branches(tokens)).mean(dim=1)))
-        return F.normalize(torch.cat(parts, dim=1), dim=1)
+        return torch.cat(parts, dim=1)  # encode() L2-normalises (similarity "cosine")
 
     def memory_features(self, clips: torch.Tensor) -> torch.Tensor:
         """CPC memory feature ``[BN f̄ ; BN p̄]`` without camera embedding (official ``get_image``).
