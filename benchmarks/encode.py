@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from vvireid.model.base import ReIDModel
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import available_methods, create_model
 
 COST_TARGET = 1.03
@@ -79,12 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(method: str, args: argparse.Namespace) -> ReIDModel:
     model = create_model(
-        method,
-        args.num_classes,
-        backbone=args.backbone,
-        image_size=args.size,
-        seq_len=args.seq_len,
-        num_cameras=args.num_cameras,
+        ModelConfig(
+            method, args.num_classes, backbone=args.backbone, image_size=args.size,
+            seq_len=args.seq_len, num_cameras=args.num_cameras,
+        ),
     )
     return model.to(args.device).eval()
 

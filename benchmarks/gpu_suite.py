@@ -66,6 +66,7 @@ def _rate(fn: Callable[[], Any], items: int, iters: int, device: torch.device) -
 
 def bench_encode(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     from vvireid.model.backbone import register_tiny_configs
+    from vvireid.model.config import ModelConfig
     from vvireid.model.factory import create_model
     from vvireid.model.inference import InferenceModel
 
@@ -76,8 +77,11 @@ def bench_encode(args: argparse.Namespace, device: torch.device) -> list[dict[st
     results = []
     for method, seq_len in ENCODE_CASES:
         torch.manual_seed(0)
-        model = create_model(method, 500, backbone=backbone, image_size=size, seq_len=seq_len,
-                             num_cameras=6).eval()
+        model = create_model(
+            ModelConfig(
+                method, 500, backbone=backbone, image_size=size, seq_len=seq_len, num_cameras=6,
+            ),
+        ).eval()
         clips = torch.randn(batch, seq_len, 3, *size)
         camids = torch.arange(batch) % 6 if method == "xreid" else None
         check = slice(0, min(batch, 8))

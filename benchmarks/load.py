@@ -46,13 +46,17 @@ def build_synthetic(folder: Path, gallery: int, size: tuple[int, int], seq_len: 
     from vvireid.indexer.store import GalleryIndex, GalleryItem
     from vvireid.model.backbone import register_tiny_configs
     from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+    from vvireid.model.config import ModelConfig
     from vvireid.model.factory import create_model
     from vvireid.model.types import Modality
 
     register_tiny_configs()
     checkpoint = folder / "model.safetensors"
-    save_checkpoint(checkpoint, create_model("baseline", num_classes=8, backbone="vvireid-tiny",
-                                             image_size=size, seq_len=seq_len))
+    save_checkpoint(checkpoint, create_model(
+        ModelConfig(
+            "baseline", num_classes=8, backbone="vvireid-tiny", image_size=size, seq_len=seq_len,
+        ),
+    ))
     model = load_checkpoint(checkpoint)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((gallery, model.embed_dim)).astype(np.float32)

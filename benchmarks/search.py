@@ -178,15 +178,20 @@ def bench_encode(args: argparse.Namespace) -> str:
     from PIL import Image
     from vvireid.indexer.encode import TrackletEncoder
     from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
+    from vvireid.model.config import ModelConfig
     from vvireid.model.factory import create_model
     from vvireid.model.types import Tracklet
 
     register_tiny_configs()
     if args.encode_model == "tiny":
-        model = create_model("baseline", 10, backbone=TINY_MODEL, image_size=(64, 32), seq_len=4)
+        model = create_model(
+            ModelConfig("baseline", 10, backbone=TINY_MODEL, image_size=(64, 32), seq_len=4),
+        )
         label = "tiny test model (vvireid-tiny, 64x32, T=4)"
     else:
-        model = create_model("baseline", 10, backbone="ViT-B-16", image_size=(288, 144), seq_len=6)
+        model = create_model(
+            ModelConfig("baseline", 10, backbone="ViT-B-16", image_size=(288, 144), seq_len=6),
+        )
         label = "ViT-B/16 baseline, random init (288x144, T=6)"
     model.fingerprint = "bench"
     encoder = TrackletEncoder(model, batch_size=args.batch_size)

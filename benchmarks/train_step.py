@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from vvireid.indexer.sources import load_dataset
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality
 from vvireid.training.config import load_config
@@ -66,9 +67,12 @@ def bench_compute(method: str, args: argparse.Namespace, device: torch.device) -
     config = load_config(RECIPES[method], ["model.pretrained=null"])
     m, data = config.model, config.data
     ids = max(2, args.batch_ids or data.ids_per_batch)  # batch losses need two identities
-    model = create_model(m.method, args.num_classes, backbone=m.backbone,
-                         image_size=tuple(m.image_size), seq_len=m.seq_len,
-                         num_cameras=args.num_cameras, **m.options).to(device)
+    model = create_model(
+        ModelConfig(
+            m.method, args.num_classes, backbone=m.backbone, image_size=tuple(m.image_size),
+            seq_len=m.seq_len, num_cameras=args.num_cameras, options=m.options,
+        ),
+    ).to(device)
     objective = create_objective(m.method, model, config.loss)
     state = objective.state_dict()
     if state:  # prototype memories: unit rows instead of an epoch pass over a dataset

@@ -53,9 +53,6 @@ class ReIDModel(nn.Module):
     def seq_len(self) -> int:
         return self.config.seq_len
 
-    def option(self, name: str) -> Any:
-        return self.config.options[name]
-
     def check_clips(self, clips: torch.Tensor) -> None:
         """Validate a batch of clips at the public boundary.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # JSON and YAML give lists; the config is hashable and compared as tuples.
+        for key in ("image_size", "mean", "std"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.seq_len < 1:
@@ -42,9 +46,9 @@ class ModelConfig:
     def preprocess(self) -> PreprocessConfig:
         """The input pipeline this model expects (resize, normalisation, test-time sampling)."""
         return PreprocessConfig(
-            image_size=tuple(self.image_size),
-            mean=tuple(self.mean),
-            std=tuple(self.std),
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
             seq_len=self.seq_len,
             test_sampling=self.test_sampling,
         )
@@ -58,8 +62,16 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        values = dict(data)
-        for key in ("image_size", "mean", "std"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+        return cls(**data)
+
+
+def model_default(name: str) -> Any:
+    """The default of a :class:`ModelConfig` field, for schemas that expose it (training recipes).
+
+    Reading it from here keeps each default in one place: change it in ``ModelConfig`` and the
+    training recipe schema follows.
+    """
+    spec = ModelConfig.__dataclass_fields__[name]
+    if spec.default is dataclasses.MISSING:
+        raise KeyError(f"ModelConfig.{name} has no default")
+    return spec.default

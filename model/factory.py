@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
 from vvireid.model.base import ReIDModel
 from vvireid.model.config import ModelConfig
-from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Lazy "module:Class" references keep `import model` light and the methods independent.
 _BUILDERS: dict[str, str] = {
@@ -34,38 +34,24 @@ def build_model(config: ModelConfig) -> ReIDModel:
     return model_class(config.method)(config)
 
 
-def create_model(
-    method: str,
-    num_classes: int,
-    *,
-    backbone: str = "ViT-B-16",
-    pretrained: str | None = None,
-    image_size: tuple[int, int] = (288, 144),
-    seq_len: int = 6,
-    num_cameras: int = 0,
-    test_sampling: str = "rrs_test",
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    **options: Any,
-) -> ReIDModel:
-    """Create a re-ID model; ``pretrained`` is a CLIP weights file or tag (None = random init).
+def create_model(config: ModelConfig, *, pretrained: str | None = None, **overrides: Any) -> ReIDModel:
+    """Create the re-ID model ``config`` describes, with its method's option defaults filled in.
 
-    ``options`` are the method's switches (see each class's ``OPTIONS``); unknown ones are errors.
+    ``overrides`` replace fields of ``config`` by name (``create_model(cfg, num_classes=500)``), so
+    a caller states only what differs and every default stays in :class:`ModelConfig`.
+    ``config.options`` are the method's switches (see each class's ``OPTIONS``); unknown ones are
+    errors. ``pretrained`` is a CLIP weights file or open_clip tag (None = random init).
+
+    Raises:
+        ValueError: an unknown method, override or option (named in the message).
     """
-    cls = model_class(method)
-    config = ModelConfig(
-        method=method,
-        num_classes=num_classes,
-        backbone=backbone,
-        image_size=tuple(image_size),
-        seq_len=seq_len,
-        num_cameras=num_cameras,
-        test_sampling=test_sampling,
-        mean=tuple(mean),
-        std=tuple(std),
-        options=cls.resolve_options(options),
-    )
-    model = cls(config)
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(ModelConfig.__dataclass_fields__)
+        raise ValueError(f"unknown model config field(s): {', '.join(unknown)} (known: {known})")
+    config = dataclasses.replace(config, **overrides) if overrides else config
+    cls = model_class(config.method)
+    model = cls(dataclasses.replace(config, options=cls.resolve_options(config.options)))
     if pretrained:
         model.load_pretrained(pretrained)
     return model

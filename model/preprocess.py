@@ -36,13 +36,17 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What a checkpoint records about its input: size, normalisation and test-time sampling."""
+    """What a checkpoint records about its input: size, normalisation and test-time sampling.
 
-    image_size: tuple[int, int] = (288, 144)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    seq_len: int = 6
-    test_sampling: str = "rrs_test"
+    No defaults: it is derived from a :class:`~vvireid.model.config.ModelConfig` (``.preprocess``),
+    which owns them, so a model and its input pipeline cannot disagree.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    seq_len: int
+    test_sampling: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,7 +1,7 @@
 """Fixtures shared by every test: the tiny CLIP config, small images, seeded and single-threaded.
 
-Tests build models with ``create_model(method, num_classes, **tiny_kwargs, seq_len=...)``: a
-4-block, 64-wide ViT at 64x32 pixels (a 4x2 patch grid) with random weights: no downloads.
+Tests build models with ``create_model(ModelConfig(method, num_classes, seq_len=..., **tiny_kwargs))``:
+a 4-block, 64-wide ViT at 64x32 pixels (a 4x2 patch grid) with random weights: no downloads.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _seed() -> None:
 
 @pytest.fixture
 def tiny_kwargs() -> dict[str, Any]:
-    """Keyword arguments of ``create_model`` for the tiny backbone at 64x32."""
+    """``ModelConfig`` fields for the tiny backbone at 64x32."""
     return {"backbone": TINY_MODEL, "image_size": TINY_IMAGE_SIZE}
 
 

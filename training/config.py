@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+from vvireid.model.config import model_default
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -37,16 +38,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    """What to build: ``vvireid.model.factory.create_model`` arguments except the dataset-derived ones.
+    """What to build: the ``vvireid.model.config.ModelConfig`` fields except the dataset-derived ones.
+
+    Their defaults are read from ``ModelConfig``, which owns them.
 
     ``pretrained`` is a CLIP weights file or open_clip tag (``--pretrained`` on the command line
     wins); None trains from random initialisation (tests, smoke runs).
     """
 
     method: str = "vld"
-    backbone: str = "ViT-B-16"
-    image_size: tuple[int, int] = (288, 144)
-    seq_len: int = 6
+    backbone: str = model_default("backbone")
+    image_size: tuple[int, int] = model_default("image_size")
+    seq_len: int = model_default("seq_len")
     pretrained: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from vvireid.indexer.sources import DatasetSplits, load_dataset
 from vvireid.model.base import ReIDModel
 from vvireid.model.checkpoint import save_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.fileio import write_atomic
 from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
@@ -369,10 +370,12 @@ class Trainer:
         m = cfg.model
         self.test_sampling = cfg.data.test_sampling or splits.test_sampling
         model = create_model(
-            m.method, splits.num_train_pids, backbone=m.backbone,
-            pretrained=None if self.resume else self.pretrained, image_size=tuple(m.image_size),
-            seq_len=m.seq_len, num_cameras=splits.num_train_cams, test_sampling=self.test_sampling,
-            **m.options,
+            ModelConfig(
+                m.method, splits.num_train_pids, backbone=m.backbone, image_size=m.image_size,
+                seq_len=m.seq_len, num_cameras=splits.num_train_cams,
+                test_sampling=self.test_sampling, options=m.options,
+            ),
+            pretrained=None if self.resume else self.pretrained,
         )
         if dist.enabled and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

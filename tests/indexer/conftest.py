@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from vvireid.model.checkpoint import save_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 
 
@@ -79,7 +80,7 @@ def checkpoint(tmp_path: Path, tiny_kwargs: dict[str, Any]) -> Callable[..., Pat
 
     def make(method: str = "baseline", seed: int = 0, **options: Any) -> Path:
         torch.manual_seed(seed)
-        model = create_model(method, 5, seq_len=4, **tiny_kwargs, **options)
+        model = create_model(ModelConfig(method, 5, seq_len=4, **tiny_kwargs, options=options))
         path = tmp_path / f"{method}-{seed}.safetensors"
         save_checkpoint(path, model)
         return path

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from vvireid.indexer.encode import THUMBNAIL_MAX_HEIGHT, TrackletEncoder
 from vvireid.model.checkpoint import load_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality, Tracklet
 
@@ -49,7 +50,7 @@ def test_batched_encoding_equals_one_by_one(frames_of, encoder):
 
 
 def test_dense_sampling_averages_clips_and_cosine_normalises(frames_of, tiny_kwargs):
-    model = create_model("xreid", 5, seq_len=4, test_sampling="dense", **tiny_kwargs).eval()
+    model = create_model(ModelConfig("xreid", 5, seq_len=4, test_sampling="dense", **tiny_kwargs)).eval()
     encoder = TrackletEncoder(model, device="cpu")
     frames = frames_of("long", 10, 3)
     clips = encoder.prepare(frames)

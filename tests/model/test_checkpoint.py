@@ -19,6 +19,7 @@ from vvireid.model.checkpoint import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 
 SEQ_LEN = 4
@@ -26,7 +27,7 @@ SEQ_LEN = 4
 
 def trained_model(method: str, tiny_kwargs: dict[str, Any], make_clips: Callable, **options: Any):
     """A model whose every trainable tensor (BN statistics too) differs from a fresh build."""
-    model = create_model(method, 3, seq_len=SEQ_LEN, **tiny_kwargs, **options)
+    model = create_model(ModelConfig(method, 3, seq_len=SEQ_LEN, **tiny_kwargs, options=options))
     model.train()
     with torch.no_grad():
         for param in model.parameters():

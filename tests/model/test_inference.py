@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import available_methods, create_model
 from vvireid.model.inference import InferenceModel, bucket_for, parse_dtype
 
@@ -15,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def _model(method: str, tiny_kwargs: dict) -> torch.nn.Module:
-    return create_model(method, 5, seq_len=SEQ_LEN, **tiny_kwargs).eval()
+    return create_model(ModelConfig(method, 5, seq_len=SEQ_LEN, **tiny_kwargs)).eval()
 
 
 def _camids(method: str, batch: int) -> torch.Tensor | None:

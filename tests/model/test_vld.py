@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from vvireid.model.baseline import BaselineModel
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.vld import VLD, VLDOutput
 from vvireid.training.objectives.base import TrainBatch
@@ -38,7 +39,7 @@ def train_step(model: VLD, clips: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def test_forward_and_encode_shapes(tiny_kwargs: dict[str, Any], make_clips: Callable) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     width = model.backbone.width
     clips = make_clips(4)
     out = model(clips)
@@ -59,7 +60,7 @@ def test_encode_is_cls_then_sta_and_per_tracklet(
     tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
     """Hub exchange stays inside a tracklet: a clip's feature does not depend on its batch mates."""
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs).eval()
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)).eval()
     clips = make_clips(3)
     feats = model.encode(clips)
     with torch.no_grad():
@@ -75,7 +76,12 @@ def test_hub_tokens_are_inserted_then_transposed_before_every_later_block(
     tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
     start = 1
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, sth_start_layer=start, **tiny_kwargs)
+    model = create_model(
+        ModelConfig(
+            "vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs,
+            options={"sth_start_layer": start},
+        ),
+    )
     model.eval()
     blocks = model.backbone.blocks
     inputs: dict[int, torch.Tensor] = {}
@@ -141,7 +147,11 @@ def reference_features(model: VLD, clips: torch.Tensor) -> tuple[torch.Tensor, .
 def test_matches_the_reference_pseudocode(
     seq_len: int, tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=seq_len, sth_start_layer=1, **tiny_kwargs)
+    model = create_model(
+        ModelConfig(
+            "vld", NUM_CLASSES, seq_len=seq_len, **tiny_kwargs, options={"sth_start_layer": 1},
+        ),
+    )
     model.eval()
     clips = make_clips(3, seq_len)
     with torch.no_grad():
@@ -153,32 +163,49 @@ def test_matches_the_reference_pseudocode(
 
 
 def test_sth_start_layer_default_is_third_last_block(tiny_kwargs: dict[str, Any]) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     assert model.sth_start == model.backbone.num_blocks - 3
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 4, "9", 1.0, True])
 def test_invalid_sth_start_layer_raises_naming_it(bad: Any, tiny_kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="sth_start_layer"):
-        create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, sth_start_layer=bad, **tiny_kwargs)
+        create_model(
+            ModelConfig(
+                "vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs,
+                options={"sth_start_layer": bad},
+            ),
+        )
 
 
 def test_invalid_options_raise_naming_them(tiny_kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="num_prompt_tokens=3"):
-        create_model("vld", NUM_CLASSES, num_prompt_tokens=3, **tiny_kwargs)
+        create_model(
+            ModelConfig("vld", NUM_CLASSES, **tiny_kwargs, options={"num_prompt_tokens": 3}),
+        )
     with pytest.raises(ValueError, match="prompt_template"):
-        create_model("vld", NUM_CLASSES, prompt_template="a photo of a person", **tiny_kwargs)
+        create_model(
+            ModelConfig(
+                "vld", NUM_CLASSES, **tiny_kwargs,
+                options={"prompt_template": "a photo of a person"},
+            ),
+        )
     with pytest.raises(ValueError, match="use_sta"):
-        create_model("vld", NUM_CLASSES, use_sta="yes", **tiny_kwargs)
+        create_model(ModelConfig("vld", NUM_CLASSES, **tiny_kwargs, options={"use_sta": "yes"}))
     with pytest.raises(ValueError, match="use_stp"):
-        create_model("vld", NUM_CLASSES, use_stp=True, **tiny_kwargs)
+        create_model(ModelConfig("vld", NUM_CLASSES, **tiny_kwargs, options={"use_stp": True}))
     with pytest.raises(ValueError, match="use_sth"):
-        create_model("baseline", NUM_CLASSES, use_sth=True, **tiny_kwargs)
+        create_model(
+            ModelConfig("baseline", NUM_CLASSES, **tiny_kwargs, options={"use_sth": True}),
+        )
 
 
 def test_custom_template_places_context_at_its_placeholders(tiny_kwargs: dict[str, Any]) -> None:
     model = create_model(
-        "vld", NUM_CLASSES, num_prompt_tokens=2, prompt_template="X X person", **tiny_kwargs
+        ModelConfig(
+            "vld", NUM_CLASSES, **tiny_kwargs,
+            options={"num_prompt_tokens": 2, "prompt_template": "X X person"},
+        ),
     )
     prompts = model.prompts
     assert prompts.start == 1 and prompts.eot_index == 4  # [SOT, x, x, person, EOT]
@@ -188,7 +215,7 @@ def test_custom_template_places_context_at_its_placeholders(tiny_kwargs: dict[st
 
 
 def test_default_template_tokenises_to_eot_at_15(tiny_kwargs: dict[str, Any]) -> None:
-    model = create_model("vld", NUM_CLASSES, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, **tiny_kwargs))
     assert (model.prompts.start, model.prompts.num_tokens, model.prompts.eot_index) == (2, 4, 15)
     assert model.prompts.cls_ctx.shape == (NUM_CLASSES, 4, model.backbone.text.width)
     assert 0.01 < model.prompts.cls_ctx.std().item() < 0.03
@@ -197,7 +224,7 @@ def test_default_template_tokenises_to_eot_at_15(tiny_kwargs: dict[str, Any]) ->
 def test_text_gradients_reach_only_the_prompts(
     tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     model.train()
     out = model(make_clips(6))
     VLDObjective(model)(out, make_batch(make_clips(6)))["v2t"].backward()
@@ -208,7 +235,7 @@ def test_text_gradients_reach_only_the_prompts(
 
 
 def test_all_losses_reach_hub_and_sta(tiny_kwargs: dict[str, Any], make_clips: Callable) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     model.train()
     out = model(make_clips(6))
     sum(VLDObjective(model)(out, make_batch(make_clips(6))).values()).backward()
@@ -220,7 +247,7 @@ def test_all_losses_reach_hub_and_sta(tiny_kwargs: dict[str, Any], make_clips: C
 def test_encode_never_runs_the_text_tower(
     tiny_kwargs: dict[str, Any], make_clips: Callable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     text = model.backbone.text
     calls = []
     original = text.encode_embeddings
@@ -239,13 +266,10 @@ def test_every_switch_combination_trains_one_step_and_encodes(
     use_sth: bool, use_sta: bool, use_imlp: bool, tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
     model = create_model(
-        "vld",
-        NUM_CLASSES,
-        seq_len=SEQ_LEN,
-        use_sth=use_sth,
-        use_sta=use_sta,
-        use_imlp=use_imlp,
-        **tiny_kwargs,
+        ModelConfig(
+            "vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs,
+            options={"use_sth": use_sth, "use_sta": use_sta, "use_imlp": use_imlp},
+        ),
     )
     assert (model.hub is not None, model.sta is not None, model.prompts is not None) == (
         use_sth,
@@ -265,7 +289,7 @@ def test_every_switch_combination_trains_one_step_and_encodes(
 
 
 def test_seq_len_10(tiny_kwargs: dict[str, Any], make_clips: Callable) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=10, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=10, **tiny_kwargs))
     assert model.hub.tokens.shape == (10, 10, model.backbone.width)
     train_step(model, make_clips(4, seq_len=10))
     assert model.encode(make_clips(2, seq_len=10)).shape == (2, model.embed_dim)
@@ -274,7 +298,7 @@ def test_seq_len_10(tiny_kwargs: dict[str, Any], make_clips: Callable) -> None:
 
 
 def test_param_groups_follow_the_official_grouping(tiny_kwargs: dict[str, Any]) -> None:
-    model = create_model("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    model = create_model(ModelConfig("vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     groups = {g["name"]: g for g in model.param_groups(2.5e-5, 1e-4)}
     assert groups["base"]["lr"] == pytest.approx(2.5e-5)
     assert groups["fast"]["lr"] == pytest.approx(6.25e-4)
@@ -298,7 +322,11 @@ def test_param_groups_follow_the_official_grouping(tiny_kwargs: dict[str, Any]) 
 
 def test_full_vit_b16_sth_and_sta_add_2_39m_parameters() -> None:
     """The paper's '+2.39M': 6x6x768 hub tokens + a 768-wide 12-head attention (T=6)."""
-    model = create_model("vld", 500, backbone="ViT-B-16", image_size=(288, 144), use_imlp=False)
+    model = create_model(
+        ModelConfig(
+            "vld", 500, backbone="ViT-B-16", image_size=(288, 144), options={"use_imlp": False},
+        ),
+    )
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -313,20 +341,17 @@ def test_full_vit_b16_sth_and_sta_add_2_39m_parameters() -> None:
 def test_baseline_is_vld_with_every_module_off(
     tiny_kwargs: dict[str, Any], make_clips: Callable
 ) -> None:
-    baseline = create_model("baseline", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs)
+    baseline = create_model(ModelConfig("baseline", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs))
     assert isinstance(baseline, BaselineModel) and baseline.method == "baseline"
     assert baseline.config.options == {}
     assert baseline.hub is None and baseline.sta is None and baseline.prompts is None
     assert baseline.backbone.text is None
     assert baseline.embed_dim == baseline.backbone.width
     plain = create_model(
-        "vld",
-        NUM_CLASSES,
-        seq_len=SEQ_LEN,
-        use_sth=False,
-        use_sta=False,
-        use_imlp=False,
-        **tiny_kwargs,
+        ModelConfig(
+            "vld", NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs,
+            options={"use_sth": False, "use_sta": False, "use_imlp": False},
+        ),
     )
     plain.load_state_dict(baseline.state_dict(), strict=True)
     clips = make_clips(2)

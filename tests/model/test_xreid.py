@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from vvireid.model.backbone import register_tiny_configs
 from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.xreid import XReID, XReIDOutput
 from vvireid.model.xreid.blocks import CrossAttentionBlock, FirstTokenSelfAttentionBlock
@@ -26,13 +27,10 @@ def make_model(**options: object) -> XReID:
     register_tiny_configs()
     torch.manual_seed(0)
     model = create_model(
-        "xreid",
-        NUM_CLASSES,
-        backbone="vvireid-tiny",
-        image_size=IMAGE_SIZE,
-        seq_len=SEQ_LEN,
-        num_cameras=NUM_CAMERAS,
-        **options,
+        ModelConfig(
+            "xreid", NUM_CLASSES, backbone="vvireid-tiny", image_size=IMAGE_SIZE, seq_len=SEQ_LEN,
+            num_cameras=NUM_CAMERAS, options=options,
+        ),
     )
     assert isinstance(model, XReID)
     return model

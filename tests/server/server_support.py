@@ -27,6 +27,7 @@ from PIL import Image
 from vvireid.indexer.build import build_index
 from vvireid.indexer.encode import TrackletEncoder
 from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality, Tracklet
 from vvireid.server.app import create_app
@@ -99,8 +100,10 @@ def write_tracklets(root: Path) -> list[GalleryTracklet]:
 def build_tiny_gallery(root: Path) -> TinyGallery:
     """Checkpoint + index made by the real pipeline (save_checkpoint, build_index)."""
     model = create_model(
-        "baseline", num_classes=NUM_PIDS, backbone="vvireid-tiny", image_size=TINY_IMAGE_SIZE,
-        seq_len=4,
+        ModelConfig(
+            "baseline", num_classes=NUM_PIDS, backbone="vvireid-tiny", image_size=TINY_IMAGE_SIZE,
+            seq_len=4,
+        ),
     )
     checkpoint = root / "model.safetensors"
     save_checkpoint(checkpoint, model)

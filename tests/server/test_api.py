@@ -204,11 +204,15 @@ def test_readyz_reports_a_load_failure(tiny_gallery: TinyGallery, tmp_path):
 
 def test_index_built_for_another_model_is_refused(tiny_gallery: TinyGallery, tmp_path):
     from vvireid.model.checkpoint import save_checkpoint
+    from vvireid.model.config import ModelConfig
     from vvireid.model.factory import create_model
 
     other = tmp_path / "other.safetensors"
-    save_checkpoint(other, create_model("baseline", num_classes=3, backbone="vvireid-tiny",
-                                        image_size=(64, 32), seq_len=4))
+    save_checkpoint(other, create_model(
+        ModelConfig(
+            "baseline", num_classes=3, backbone="vvireid-tiny", image_size=(64, 32), seq_len=4,
+        ),
+    ))
     app = create_app(make_settings(tiny_gallery, checkpoint=other))
     with TestClient(app, raise_server_exceptions=False) as client:
         for _ in range(200):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vvireid.model.preprocess import FramePreprocessor, PreprocessConfig
+from vvireid.model.config import ModelConfig
+from vvireid.model.preprocess import FramePreprocessor
 from vvireid.model.types import Modality
 from vvireid.training.data.transforms import (
     VLD_ERASE_FILL,
@@ -45,7 +46,7 @@ def test_shape_dtype_and_determinism(method):
 def test_plain_transform_matches_test_time_preprocessing():
     clip = frames(3)
     ours = build_train_transform("none", SIZE)(clip, Modality.INFRARED, np.random.default_rng(0))
-    reference = FramePreprocessor(PreprocessConfig(image_size=SIZE))
+    reference = FramePreprocessor(ModelConfig("baseline", 1, image_size=SIZE).preprocess)
     assert torch.allclose(ours, torch.stack([reference.frame_tensor(f) for f in clip]))
 
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from vvireid.indexer.sources.splits import DatasetSplits
-from vvireid.model.preprocess import FrameError, FramePreprocessor, PreprocessConfig
+from vvireid.model.config import ModelConfig
+from vvireid.model.preprocess import FrameError, FramePreprocessor
 from vvireid.model.types import Modality, Tracklet
 from vvireid.training.data.samplers import CrossModalityIdentitySampler, TrainKey
 from vvireid.training.data.transforms import build_train_transform
@@ -115,7 +116,7 @@ def test_bad_frame_skip_raises_when_nothing_is_readable(tmp_path):
 def test_test_clips_match_the_shared_preprocessor(tracklets):
     for rule, clips_per_tracklet in (("rrs_test", [1, 1]), ("dense", [3, 2])):
         pre = FramePreprocessor(
-            PreprocessConfig(image_size=(32, 16), seq_len=10, test_sampling=rule)
+            ModelConfig("baseline", 1, image_size=(32, 16), seq_len=10, test_sampling=rule).preprocess
         )
         data = TestClipDataset(tracklets[:2], pre)
         clips, index = data[0]
@@ -128,7 +129,7 @@ def test_test_clips_match_the_shared_preprocessor(tracklets):
 def test_test_clips_skip_policy(tracklets):
     Path(tracklets[2].frames[0]).write_bytes(b"")
     pre = FramePreprocessor(
-        PreprocessConfig(image_size=(32, 16), seq_len=6, test_sampling="uniform")
+        ModelConfig("baseline", 1, image_size=(32, 16), seq_len=6, test_sampling="uniform").preprocess
     )
     with pytest.raises(FrameError, match=tracklets[2].frames[0]):
         TestClipDataset(tracklets, pre)[2]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.training.losses import cross_entropy, visual_to_text_loss, wrt_loss
 from vvireid.training.objectives import create_objective
@@ -25,7 +26,9 @@ def batch_of(clips: torch.Tensor) -> TrainBatch:
 
 
 def outputs(method: str, tiny_kwargs: dict[str, Any], make_clips: Callable, **options: Any):
-    model = create_model(method, NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs, **options).train()
+    model = create_model(
+        ModelConfig(method, NUM_CLASSES, seq_len=SEQ_LEN, **tiny_kwargs, options=options),
+    ).train()
     clips = make_clips(6)
     return model, model(clips), batch_of(clips)
 

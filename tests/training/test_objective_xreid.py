@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vvireid.model.backbone import register_tiny_configs
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality
 from vvireid.model.xreid import XReID
@@ -36,13 +37,10 @@ def make_model(**options: object) -> XReID:
     register_tiny_configs()
     torch.manual_seed(0)
     model = create_model(
-        "xreid",
-        NUM_CLASSES,
-        backbone="vvireid-tiny",
-        image_size=IMAGE_SIZE,
-        seq_len=SEQ_LEN,
-        num_cameras=NUM_CAMERAS,
-        **options,
+        ModelConfig(
+            "xreid", NUM_CLASSES, backbone="vvireid-tiny", image_size=IMAGE_SIZE, seq_len=SEQ_LEN,
+            num_cameras=NUM_CAMERAS, options=options,
+        ),
     )
     assert isinstance(model, XReID)
     return model.train()

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 from vvireid.model.checkpoint import save_checkpoint
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.training.cli import main
 
 
 @pytest.fixture()
 def checkpoint(tmp_path) -> Path:
-    model = create_model("baseline", 4, backbone="vvireid-tiny", image_size=(64, 32), seq_len=4,
-                         num_cameras=2)
+    model = create_model(
+        ModelConfig(
+            "baseline", 4, backbone="vvireid-tiny", image_size=(64, 32), seq_len=4, num_cameras=2,
+        ),
+    )
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, model, {"data_format": "hitsz-vcm", "dataset": "hitsz-vcm", "epoch": 0})
     return path

@@ -6,6 +6,7 @@ epoch schedule, so a wrong multiplier, optimiser, or schedule parameter in any l
 
 import pytest
 import torch
+from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.training.config import load_config
 from vvireid.training.optim import (
@@ -35,8 +36,12 @@ XREID_TABLE = {1: 5e-7, 2: 9.5e-7, 5: 2.3e-6, 10: 4.55e-6, 11: 5e-6, 30: 5e-6, 3
 
 def _recipe_optimizer(name: str, method: str, seq_len: int):
     config = load_config(name, TINY)
-    model = create_model(method, 5, backbone="vvireid-tiny", image_size=(64, 32), seq_len=seq_len,
-                         num_cameras=3)
+    model = create_model(
+        ModelConfig(
+            method, 5, backbone="vvireid-tiny", image_size=(64, 32), seq_len=seq_len,
+            num_cameras=3,
+        ),
+    )
     optimizer = create_optimizer(model, config.optim)
     return config, optimizer, create_scheduler(optimizer, config.optim)
 
