@@ -195,6 +195,39 @@ def _dataset_tracklets(root: Path, fmt: str, split: str) -> list[Tracklet]:
     return list(unique.values())
 
 
+# ---- sharded builds ----------------------------------------------------------------------------
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N (what ``--shard`` takes).
+
+    Raises:
+        ValueError: naming the value and the expected form.
+    """
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N and N >= 1")
+    return index, count
+
+
+def shard_of(tracklet_id: str, count: int) -> int:
+    """The shard (0..count-1) of a tracklet: a stable hash of its id, so every run, machine and
+    Python process puts it in the same shard (``hash()`` is salted per process)."""
+    digest = hashlib.sha256(tracklet_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(tracklets: Sequence[Tracklet], index: int, count: int) -> list[Tracklet]:
+    """The disjoint, deterministic slice of ``tracklets`` that shard ``index`` of ``count`` encodes
+    (order kept); together the shards cover every tracklet exactly once."""
+    if count == 1:
+        return list(tracklets)
+    return [t for t in tracklets if shard_of(t.tracklet_id, count) == index]
+
+
 # ---- resumable encoding ------------------------------------------------------------------------
 
 

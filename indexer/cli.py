@@ -28,7 +28,11 @@ from vvireid.indexer.build import (
     add_to_index,
     build_index,
     load_tracklets,
+    parse_shard,
+    select_shard,
+    shard_of,
 )
+from vvireid.indexer.gallery import BACKENDS, BackendOptions, collection_name, open_gallery
 from vvireid.indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
 from vvireid.model.types import Modality
 
@@ -97,6 +101,28 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    """Where the gallery lives. Credentials never come from flags (ps, shell history): they are
+    read from VVIREID_MILVUS_TOKEN(_FILE) or VVIREID_MILVUS_USER + VVIREID_MILVUS_PASSWORD(_FILE)."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="faiss: a local index folder (default); milvus: a collection named after the "
+        "folder argument [VVIREID_BACKEND]",
+    )
+    parser.add_argument(
+        "--milvus-uri",
+        default=None,
+        help="a .db path (Milvus Lite) or http(s)://host:19530 (Milvus server) "
+        "[VVIREID_MILVUS_URI]",
+    )
+
+
+def _backend(args: argparse.Namespace) -> BackendOptions:
+    return BackendOptions.from_env(getattr(args, "backend", None), getattr(args, "milvus_uri", None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Build, inspect, extend, prune and query vvireid gallery indexes."
@@ -118,11 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--overwrite", action="store_true", help="replace an existing index in --out"
     )
+    build.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="encode only shard I of N (a stable hash of the tracklet id); faiss: --out is this "
+        "shard's gallery (merge them with 'merge'), milvus: all shards fill one collection; "
+        "a rerun resumes",
+    )
+    _backend_args(build)
     build.set_defaults(func=_cmd_build)
+
+    merge = sub.add_parser("merge", help="merge the FAISS galleries of a sharded build")
+    merge.add_argument("out", help="index folder to create")
+    merge.add_argument("shards", nargs="+", help="shard index folders")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    merge.set_defaults(func=_cmd_merge)
 
     info = sub.add_parser("info", help="describe an index")
     info.add_argument("index_dir")
     info.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    _backend_args(info)
     info.set_defaults(func=_cmd_info)
 
     add = sub.add_parser("add", help="encode new tracklets into an existing index")
@@ -138,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the ids that exist instead of refusing when some do not",
     )
+    _backend_args(remove)
     remove.set_defaults(func=_cmd_remove)
 
     search = sub.add_parser("search", help="query an index with a tracklet's frames")
@@ -184,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--device", default="auto", help="auto, cpu or cuda for encoding and search"
     )
+    _backend_args(search)
     search.set_defaults(func=_cmd_search, scope="cross")
     return parser
 
@@ -214,8 +258,47 @@ def _load_source(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     budget = FailureBudget.parse(args.max_failures)
+    options = _backend(args)
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
     tracklets, failures = _load_source(args)
+    tracklets = select_shard(tracklets, *shard)
+    failures = [f for f in failures if shard_of(str(f.tracklet_id or f.path), shard[1]) == shard[0]]
     encoder = _encoder(args)
+    if options.backend == "milvus":
+        from vvireid.indexer.milvus import build_milvus
+
+        with _progress(len(tracklets), not args.no_progress) as update:
+            summary = build_milvus(
+                options,
+                collection_name(args.out),
+                encoder,
+                tracklets,
+                index_type=args.index_type,
+                overwrite=args.overwrite,
+                budget=budget,
+                prior_failures=failures,
+                chunk_size=args.chunk_size,
+                thumbnails=not args.no_thumbnails,
+                progress=update,
+            )
+        _emit({**summary, "shard": args.shard})
+        return 0
+    if args.shard and not args.overwrite and _holds_index(args.out):
+        # A rerun of a shard whose gallery was saved: add what is missing (nothing if complete).
+        log.info("%s exists: resuming shard %s by adding what it lacks", args.out, args.shard)
+        with _progress(len(tracklets), not args.no_progress) as update:
+            summary = add_to_index(
+                args.out,
+                encoder,
+                tracklets,
+                budget=budget,
+                prior_failures=failures,
+                chunk_size=args.chunk_size,
+                thumbnails=not args.no_thumbnails,
+                progress=update,
+            )
+        _emit({**summary, "shard": args.shard})
+        return 0
     with _progress(len(tracklets), not args.no_progress) as update:
         summary = build_index(
             args.out,
@@ -229,7 +312,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
             thumbnails=not args.no_thumbnails,
             progress=update,
         )
-    _emit(summary)
+    _emit({**summary, "shard": args.shard} if args.shard else summary)
+    return 0
+
+
+def _holds_index(folder: str) -> bool:
+    """Whether ``folder`` already holds a saved gallery (any file but a build's partial chunks)."""
+    path = Path(folder)
+    return path.is_dir() and any(p.name != ".build-partial" for p in path.iterdir())
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from vvireid.indexer.gallery import merge_galleries
+
+    _emit(merge_galleries(args.out, args.shards, overwrite=args.overwrite))
     return 0
 
 
@@ -253,17 +349,15 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from vvireid.indexer.store import GalleryIndex
-
-    with GalleryIndex.open(args.index_dir, device="cpu", verify=not args.no_verify) as index:
+    with open_gallery(
+        args.index_dir, _backend(args), device="cpu", verify=not args.no_verify
+    ) as index:
         _emit(index.stats())
     return 0
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from vvireid.indexer.store import GalleryIndex
-
-    with GalleryIndex.open(args.index_dir, device="cpu") as index:
+    with open_gallery(args.index_dir, _backend(args), device="cpu") as index:
         wanted = list(dict.fromkeys(args.tracklet_ids))
         missing = [t for t in wanted if t not in index]
         if missing and not args.ignore_missing:
@@ -293,7 +387,6 @@ def _expand_frames(frames: list[str]) -> list[str]:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from vvireid.indexer.encode import TrackletEncoder
-    from vvireid.indexer.store import GalleryIndex
     from vvireid.model.checkpoint import load_checkpoint
 
     if args.top_k < 1:
@@ -307,8 +400,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     encoder = TrackletEncoder(model, device=args.device)
     # A GPU for the model does not imply FAISS GPU support: search falls back to the CPU then.
     index_device = "cpu" if args.device == "cpu" else "auto"
-    with GalleryIndex.open(
+    with open_gallery(
         args.index_dir,
+        _backend(args),
         expected_fingerprint=model.fingerprint,
         expected_dim=encoder.dim,
         device=index_device,
@@ -331,10 +425,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: reported in one line, exit code 2."""
+    from vvireid.indexer.gallery import GalleryUnavailableError
     from vvireid.indexer.store import IndexConflictError
     from vvireid.model.checkpoint import CheckpointError
 
-    return (CheckpointError, ManifestError, IndexConflictError, ValueError, KeyError, OSError)
+    return (
+        CheckpointError,
+        ManifestError,
+        IndexConflictError,
+        GalleryUnavailableError,
+        ValueError,
+        KeyError,
+        OSError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,3 +311,94 @@ def collection_name(location: str | Path) -> str:
     if name.strip("_") == "" or len(name) > 255:
         raise ValueError(f"{location!r}: not usable as a Milvus collection name")
     return name
+
+
+def gallery_vectors(gallery: Any, tracklet_ids: Sequence[str]) -> np.ndarray:
+    """The stored vectors of ``tracklet_ids``, float32 [N, D], in that order.
+
+    Uses the backend's ``vectors(ids)`` when it has one (``MilvusGallery`` does). The FAISS
+    gallery of index format 1 has no such method, so for its exact ``flat`` index the vectors
+    are reconstructed from FAISS (exact for flat); other FAISS index types are refused.
+
+    Raises:
+        ValueError: the backend cannot give back its vectors (names the gallery).
+    """
+    if hasattr(gallery, "vectors"):
+        return np.asarray(gallery.vectors(list(tracklet_ids)), dtype=np.float32)
+    vindex = getattr(gallery, "_vindex", None)
+    id_of = getattr(gallery, "_id_of", None)
+    if vindex is None or id_of is None or gallery.index_type != "flat":
+        raise ValueError(
+            f"{gallery.path}: cannot read vectors back from a {gallery.index_type} gallery; "
+            "build the shards with --index-type flat"
+        )
+    rows = [vindex.index.reconstruct(int(id_of[t])) for t in tracklet_ids]
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), gallery.dim)
+
+
+def merge_galleries(
+    out: str | Path,
+    shards: Sequence[str | Path],
+    *,
+    index_type: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Merge the FAISS galleries of a sharded build into one gallery at ``out``.
+
+    The shards must come from one model (same fingerprint, dim and similarity) and hold disjoint
+    tracklet ids; ``out`` is written once, atomically, at the end (``save``).
+
+    Raises:
+        IndexMismatchError: a shard was built by another model (named).
+        ValueError: no shards, or a tracklet id in two shards (both named).
+        FileExistsError: ``out`` holds an index and ``overwrite`` is False.
+    """
+    from vvireid.indexer.store import GalleryIndex, IndexMismatchError
+
+    if not shards:
+        raise ValueError("merge needs at least one shard gallery")
+    opened = [GalleryIndex.open(path, device="cpu") for path in shards]
+    try:
+        first = opened[0]
+        seen: dict[str, str] = {}
+        for shard in opened:
+            if (shard.fingerprint, shard.dim, shard.similarity) != (
+                first.fingerprint, first.dim, first.similarity
+            ):
+                raise IndexMismatchError(
+                    f"{shard.path}: built with model {shard.fingerprint} ({shard.dim}-d, "
+                    f"{shard.similarity}), but {first.path} with {first.fingerprint} "
+                    f"({first.dim}-d, {first.similarity}); shards of one gallery need one model"
+                )
+            for tracklet_id in shard.tracklet_ids():
+                if tracklet_id in seen:
+                    raise ValueError(
+                        f"tracklet id {tracklet_id!r} is in two shards: {seen[tracklet_id]} and "
+                        f"{shard.path}"
+                    )
+                seen[tracklet_id] = str(shard.path)
+        merged = GalleryIndex.create(
+            out,
+            dim=first.dim,
+            model_fingerprint=first.fingerprint,
+            similarity=first.similarity,
+            index_type=index_type or first.index_type,
+            model_config=first.model_config,
+            overwrite=overwrite,
+            device="cpu",
+        )
+        for shard in opened:
+            ids = shard.tracklet_ids()
+            items = [shard.get(t) for t in ids]
+            merged.add(items, gallery_vectors(shard, ids), [shard.thumbnail(t) for t in ids])
+        merged.save()
+        return {
+            "command": "merge",
+            "index": str(merged.path),
+            "shards": [str(s.path) for s in opened],
+            "count": len(merged),
+            "per_shard": {str(s.path): len(s) for s in opened},
+        }
+    finally:
+        for shard in opened:
+            shard.close()

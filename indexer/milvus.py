@@ -706,3 +706,100 @@ def _check_model(
         )
     if dim is not None and int(meta["dim"]) != int(dim):
         raise IndexMismatchError(f"{where}: holds {meta['dim']}-d vectors, the model produces {dim}-d")
+
+
+def build_milvus(
+    options: BackendOptions,
+    collection: str,
+    encoder: Any,
+    tracklets: Sequence[Any],
+    *,
+    index_type: str = "flat",
+    overwrite: bool = False,
+    budget: Any = None,
+    prior_failures: Sequence[Any] = (),
+    chunk_size: int = 256,
+    thumbnails: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Encode ``tracklets`` into the collection, chunk by chunk; what ``build --backend milvus``
+    (and every ``--shard I/N`` of it) runs.
+
+    Why chunk by chunk instead of all at the end like the FAISS build: inserted rows are durable
+    in Milvus, so a rerun after a crash skips the ids already stored and resumes where it
+    stopped, and many shards can write into one collection at once. The first shard creates the
+    collection; the others join it after checking the model.
+
+    Raises:
+        TooManyFailuresError: failures beyond the budget; the chunks stored so far stay (a rerun
+            skips them).
+        IndexMismatchError: the collection was built by another model.
+    """
+    from vvireid.indexer.build import (
+        DEFAULT_MAX_FAILURES,
+        FailureBudget,
+        TooManyFailuresError,
+        gallery_item,
+    )
+
+    if not encoder.fingerprint:
+        raise ValueError("the model has no fingerprint: load it with model.checkpoint")
+    budget = budget or FailureBudget.parse(DEFAULT_MAX_FAILURES)
+    create = {
+        "dim": encoder.dim,
+        "model_fingerprint": str(encoder.fingerprint),
+        "similarity": encoder.similarity,
+        "index_type": index_type,
+        "model_config": encoder.model.config.to_dict(),
+    }
+    if overwrite:
+        gallery = MilvusGallery.create(options, collection=collection, overwrite=True, **create)
+    else:
+        gallery = MilvusGallery.open_or_create(options, collection=collection, **create)
+    stored = gallery.existing(t.tracklet_id for t in tracklets)
+    todo = [t for t in tracklets if t.tracklet_id not in stored]
+    total = len(tracklets) + len(prior_failures)
+    allowed = budget.allowed(total)
+    failures = list(prior_failures)
+    if len(failures) > allowed:
+        raise TooManyFailuresError(failures, allowed, total)
+    if progress:
+        progress(len(stored))
+    started, added = time.perf_counter(), Counter()
+    chunks = encoder.encode_tracklets(todo, chunk_size=chunk_size, thumbnails=thumbnails)
+    for chunk in chunks:
+        if chunk.tracklets:
+            gallery.add(
+                [gallery_item(t) for t in chunk.tracklets],
+                chunk.vectors,
+                chunk.thumbnails if thumbnails else None,
+            )
+        added.update(Modality.parse(t.modality).label for t in chunk.tracklets)
+        failures += chunk.failures
+        if progress:
+            progress(chunk.size)
+        if len(failures) > allowed:
+            chunks.close()
+            gallery.save()
+            raise TooManyFailuresError(failures, allowed, total)
+    gallery.save()
+    seconds = time.perf_counter() - started
+    summary = {
+        "command": "build",
+        "backend": "milvus",
+        "index": gallery.path,
+        "index_type": gallery.index_type,
+        "count": len(gallery),
+        "added": sum(added.values()),
+        "added_per_modality": {m.label: added.get(m.label, 0) for m in Modality},
+        "resumed": len(stored),
+        "encoded": len(todo),
+        "seconds": round(seconds, 3),
+        "device": str(encoder.device),
+        "failure_count": len(failures),
+        "max_failures": allowed,
+        "failures": [f.to_dict() for f in failures],
+        "warnings": [],
+    }
+    gallery.close()
+    return summary
