@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 from vvireid.indexer.backend import min_train_size
 from vvireid.indexer.encode import EncodeFailure, TrackletEncoder
-from vvireid.indexer.manifest import ManifestError, parse_manifest, scan_folder
+from vvireid.indexer.manifest import (
+    ManifestError,
+    parse_manifest,
+    read_manifest_text,
+    scan_folder,
+)
 from vvireid.indexer.sources import load_dataset
 from vvireid.indexer.store import GalleryIndex, GalleryItem
 from vvireid.model import fileio as files
@@ -106,12 +111,7 @@ def read_manifest_lenient(path: str | Path) -> tuple[list[Tracklet], list[Encode
         ManifestError: the file is missing or unreadable.
     """
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError([f"{path}: missing file"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([f"{path}: cannot read ({exc})"]) from None
+    text = read_manifest_text(path)
     base = path.resolve().parent
     good: list[Tracklet] = []
     bad: list[EncodeFailure] = []

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from vvireid.model.base import ReIDModel
 from vvireid.model.device import resolve_device
+from vvireid.model.inference import parse_dtype
 from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
 from vvireid.model.types import Modality, Tracklet
 
@@ -31,14 +32,6 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_HEIGHT = 128
 THUMBNAIL_QUALITY = 85
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -146,12 +139,7 @@ class TrackletEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
-        if dtype == "auto":
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        elif dtype in _DTYPES:
-            self.dtype = _DTYPES[dtype]
-        else:
-            raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(_DTYPES)}")
+        self.dtype = parse_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)

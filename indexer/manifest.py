@@ -186,15 +186,24 @@ def read_manifest(path: str | Path) -> list[Tracklet]:
         ManifestError: the file is missing or unreadable, or lists every malformed line.
     """
     path = Path(path).expanduser()
+    text = read_manifest_text(path)
+    tracklets = parse_manifest(text.splitlines(), source=str(path), base=path.resolve().parent)
+    log.debug("read %d tracklets from %s", len(tracklets), path)
+    return tracklets
+
+
+def read_manifest_text(path: Path) -> str:
+    """A manifest file's text, shared by the strict reader and the index build's lenient one.
+
+    Raises:
+        ManifestError: the file is missing, unreadable or not UTF-8, naming it.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError([f"{path}: missing file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError([f"{path}: cannot read ({exc})"]) from None
-    tracklets = parse_manifest(text.splitlines(), source=str(path), base=path.resolve().parent)
-    log.debug("read %d tracklets from %s", len(tracklets), path)
-    return tracklets
 
 
 def tracklet_record(tracklet: Tracklet, base: Path | None = None) -> dict[str, Any]:
