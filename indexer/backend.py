@@ -1,19 +1,20 @@
 """The FAISS side of the gallery index: index construction, filtered search, GPU copies.
 
-Everything here works on int64 *internal ids* (assigned by :mod:`vvireid.indexer.store`, never reused) and
-float32 vectors; tracklet metadata lives in the store. Kept behind this small class so that another
-vector engine could replace FAISS without touching the store's file format logic.
+Everything here works on int64 *internal ids* (assigned by the gallery database, never reused)
+and float32 vectors; tracklet metadata and the vectors themselves live in the database
+(:mod:`vvireid.indexer.db`). This index is a derived, in-memory structure that can always be
+rebuilt from there, so it is kept behind this small class.
 
-Index types (``shared/reference/ecosystem.md`` 2.4):
+Index types:
 
 * ``flat``: ``IDMap2,Flat`` with inner product. Exact, no training, removal supported. The default,
   right for galleries up to a few million tracklets.
 * ``ivf``: ``IVF{nlist},Flat``. Approximate (visits ``nprobe`` of ``nlist`` clusters) but the scores
   it returns are exact. Needs training data: at least ``39 * 16`` vectors.
 * ``ivfpq``: ``IVF{nlist},PQ{m}x8`` (about ``m`` bytes per vector) plus a re-ranking of a
-  shortlist of ``rerank * k`` candidates with the stored float vectors, because PQ alone
-  scrambles the order of near-duplicates (reference 2.6: 10-recall@10 0.39 without, 0.998 with
-  a 10x flat re-rank).
+  shortlist of ``rerank * k`` candidates with the float vectors stored in the database (read
+  through ``fetch_exact``), because PQ alone scrambles the order of near-duplicates
+  (10-recall@10 0.39 without, 0.998 with a 10x flat re-rank).
 
 Filters (gallery modality, cameras) are a bitmap over internal ids. On CPU they go into FAISS as an
 ``IDSelectorBitmap`` so a flat search returns exactly ``min(k, matching)`` hits; IVF widens
@@ -29,9 +30,9 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -144,8 +145,11 @@ class Selection:
         return inside & bits.astype(bool)
 
 
+ExactFetcher = Callable[[np.ndarray], dict[int, np.ndarray]]
+
+
 class VectorIndex:
-    """A FAISS index over internal ids, with exact vectors kept for re-ranking (``ivfpq``).
+    """A FAISS index over internal ids; ``ivfpq`` re-ranks with vectors from ``fetch_exact``.
 
     Not thread-safe for writes: the store serialises ``add``/``remove`` against searches.
     Concurrent CPU searches are safe; GPU searches are funnelled through one lock because FAISS
@@ -165,8 +169,7 @@ class VectorIndex:
                 dim, _factory_string(index_type, shape), faiss.METRIC_INNER_PRODUCT
             )
         self.index = index
-        self.exact_ids = np.zeros(0, dtype=np.int64)
-        self.exact = np.zeros((0, dim), dtype=np.float32)
+        self.fetch_exact: ExactFetcher | None = None
         self._gpu: Any = None
         self._gpu_res: Any = None
         self._gpu_stale = True
@@ -185,7 +188,7 @@ class VectorIndex:
 
     @property
     def keeps_exact(self) -> bool:
-        """Whether float vectors are stored beside the index (only PQ loses them)."""
+        """Whether search re-ranks with the stored float vectors (only PQ loses them)."""
         return self.index_type == "ivfpq"
 
     def train(self, vectors: np.ndarray) -> None:
@@ -223,36 +226,50 @@ class VectorIndex:
         """Add vectors under ``ids`` (each larger than every id already present)."""
         if not self.is_trained:
             self.train(vectors)
-        self.index.add_with_ids(
-            np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
-        )
-        if self.keeps_exact:
-            self.exact_ids = np.concatenate([self.exact_ids, ids.astype(np.int64)])
-            self.exact = np.concatenate([np.asarray(self.exact), vectors.astype(np.float32)])
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
+            )
         self._gpu_stale = True
 
     def remove(self, ids: np.ndarray) -> None:
-        if self.ntotal:
+        """Remove ``ids`` (ids not present are ignored)."""
+        if self.ntotal and len(ids):
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
-        if self.keeps_exact:
-            keep = ~np.isin(self.exact_ids, ids)
-            self.exact_ids = self.exact_ids[keep]
-            self.exact = np.asarray(self.exact)[keep]
         self._gpu_stale = True
+
+    def ids(self) -> np.ndarray:
+        """Every id held (flat: from the id map; IVF: from the inverted lists)."""
+        if self.index_type == "flat":
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        ivf = faiss.extract_index_ivf(self.index)
+        lists = ivf.invlists
+        parts = [
+            faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+            for n in range(ivf.nlist)
+            if lists.list_size(n)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Float vectors of ``ids`` as stored in the index (exact for flat and ivf, lossy for PQ)."""
+        if self.index_type != "flat":
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     # ---- files -----------------------------------------------------------------------------
 
-    def write_index(self, path: Path) -> None:
-        faiss.write_index(self.index, str(path))
+    def write_to(self, handle: BinaryIO) -> None:
+        """Stream the FAISS index into an open binary file (no second copy in memory)."""
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
 
     @classmethod
-    def read(cls, index_type: str, dim: int, params: IndexParams, path: Path) -> VectorIndex:
-        return cls(index_type, dim, params, faiss.read_index(str(path)))
-
-    def set_exact(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Attach the stored float vectors (rows aligned with sorted ``ids``) after a read."""
-        self.exact_ids = ids.astype(np.int64)
-        self.exact = vectors
+    def read_from(
+        cls, index_type: str, dim: int, params: IndexParams, handle: BinaryIO
+    ) -> VectorIndex:
+        """Read an index written by :meth:`write_to` from the handle's current position."""
+        return cls(index_type, dim, params, faiss.read_index(faiss.PyCallbackIOReader(handle.read)))
 
     # ---- GPU ---------------------------------------------------------------------------------
 
@@ -388,11 +405,24 @@ class VectorIndex:
     def _rerank(
         self, queries: np.ndarray, ids: np.ndarray, want: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the PQ shortlist, best ``want`` kept."""
-        valid = ids >= 0
-        rows = np.searchsorted(self.exact_ids, np.where(valid, ids, 0))
-        rows = np.clip(rows, 0, max(len(self.exact_ids) - 1, 0))
-        vectors = np.asarray(self.exact[rows.reshape(-1)]).reshape(*ids.shape, self.dim)
+        """Exact inner products of the PQ shortlist (stored vectors), best ``want`` kept.
+
+        A candidate whose stored vector is gone (removed by a commit that this index has not
+        applied yet) is dropped rather than scored from its PQ code.
+        """
+        if self.fetch_exact is None:
+            raise RuntimeError("ivfpq search needs fetch_exact (the stored vectors)")
+        unique = np.unique(ids[ids >= 0])
+        stored = self.fetch_exact(unique)
+        table = np.zeros((len(unique) + 1, self.dim), dtype=np.float32)
+        present = np.zeros(len(unique) + 1, dtype=bool)
+        for row, internal in enumerate(unique.tolist()):
+            vector = stored.get(internal)
+            if vector is not None:
+                table[row], present[row] = vector, True
+        rows = np.where(ids >= 0, np.searchsorted(unique, np.maximum(ids, 0)), len(unique))
+        valid = present[rows]
+        vectors = table[rows.reshape(-1)].reshape(*ids.shape, self.dim)
         scores = np.einsum("qd,qcd->qc", queries, vectors).astype(np.float32)
         scores[~valid] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :want]

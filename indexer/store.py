@@ -1,79 +1,100 @@
-"""``GalleryIndex``: the on-disk gallery of encoded tracklets that the server searches.
+"""``GalleryIndex``: the live gallery of encoded tracklets that the server searches.
 
-Folder layout (``FORMAT_VERSION`` 1)::
+Folder layout (format 2)::
 
-    manifest.json             the commit point: format, dim, metric, similarity, index type and
-                              parameters, model fingerprint and config, counts, created/updated,
-                              and name + sha256 + size of every data file below
-    index.<gen>.faiss         the FAISS index over internal int64 ids (see indexer.backend)
-    items.<gen>.jsonl         one line per tracklet: internal id, tracklet_id, modality, camid,
-                              camera, pid, timestamp, frames, thumbnail location
-    vectors.<gen>.npy         float32 [N, D] rows in id order (ivfpq only: exact re-ranking)
-    thumbs.<gen>.bin          JPEG thumbnails, concatenated (append-only segments, compacted
-                              when more than half of their bytes belong to removed items)
+    gallery.sqlite3 (+ -wal, -shm)   the source of truth (see :mod:`vvireid.indexer.db`):
+                                     metadata, float32 vectors, JPEG thumbnails, change log
+    snapshot.faiss                   the FAISS index as of one change ``seq`` (written in the
+                                     background or by :meth:`GalleryIndex.save`), so that an
+                                     open does not rebuild it; see ``_write_snapshot``
 
-Why generations: ``save`` writes every data file under a new generation number (temp name, fsync,
-rename), then atomically replaces ``manifest.json`` last, then deletes the files the new manifest no
-longer names. A process killed at any moment therefore leaves a manifest that names complete,
-checksummed files: the previous index, or the new one once the manifest swap happened. Files of an
-interrupted save are unreferenced and removed by the next save. ``open`` verifies every checksum,
-so a corrupted file is refused with its name instead of returning wrong neighbours.
+Writes: :meth:`add` and :meth:`remove` are each ONE SQLite transaction (cost O(change), never a
+rewrite of the gallery) and return only after it has committed. The in-memory FAISS index and
+metadata are then brought up to the database by replaying the change log; the readers-writer
+lock is held only for that in-memory update, so searches never wait for disk.
 
-Internal ids are assigned in increasing order and never reused, so items, vectors and thumbnails
-stay aligned without renumbering when tracklets are removed.
+Reads: the FAISS index is derived data. :meth:`open` loads the snapshot, checks its checksum and
+replays the changes committed after it; a missing, stale or corrupt snapshot is logged and the
+index rebuilt from the database. Several processes may open one gallery: SQLite serialises their
+writes, and :meth:`refresh` (run by :meth:`start_background` every ``poll_s``) applies what other
+processes committed, noticed through ``PRAGMA data_version``.
 
-Thread safety: any number of threads may ``search``/``get``/``thumbnail`` at once; ``add``,
-``remove`` and ``save`` take an exclusive lock (FAISS CPU search is thread-safe, writes are not;
-GPU searches are serialised inside the backend). Separate processes writing one folder are
-serialised by a lock file, and a writer refuses to save over a generation it did not load.
+Index folders of format 1 (``manifest.json`` + generation files) are converted once, at the first
+:meth:`open` (see :mod:`vvireid.indexer.legacy`); the old files are deleted only after the new
+database has committed.
+
+Thread safety: any number of threads may ``search``/``get``/``thumbnail``; writers in one process
+are serialised by a mutex (never held by readers) and hold the write side of the lock only while
+the in-memory state changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import os
-import re
+import sqlite3
 import threading
+import time
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+from vvireid.indexer import db
 from vvireid.indexer.backend import (
     INDEX_TYPES,
     IndexParams,
     Selection,
     VectorIndex,
     configure_faiss,
+    min_train_size,
+)
+from vvireid.indexer.db import (
+    DB_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    GalleryBusyError,
+    GalleryWriteError,
+    IndexConflictError,
+    IndexFormatError,
+    IndexMismatchError,
 )
 from vvireid.model import fileio as files
+from vvireid.model.concurrency import ReadWriteLock
 from vvireid.model.types import Modality
+
+__all__ = [
+    "DB_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "GalleryBusyError",
+    "GalleryIndex",
+    "GalleryItem",
+    "GalleryWriteError",
+    "Hit",
+    "IndexConflictError",
+    "IndexFormatError",
+    "IndexMismatchError",
+    "TrackletExistsError",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vvireid.index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SIMILARITIES = ("cosine", "inner_product")
-_DATA_FILE = re.compile(r"^(index|items|vectors|thumbs)\.\d{6}\.(faiss|jsonl|npy|bin)$")
-_COMPACT_MIN_BYTES = 1 << 20
+SNAPSHOT = "snapshot.faiss"
+LEGACY_MANIFEST = "manifest.json"
+_SNAPSHOT_MAGIC = b"VVIREID-SNAPSHOT\n"
+_SNAPSHOT_HEADER = 4096  # fixed-size JSON header before the FAISS bytes
+_READ_CHUNK = 20_000  # vectors read per batch when rebuilding
 
 
-class IndexFormatError(ValueError):
-    """An index folder cannot be used (missing, corrupt or foreign file); names the file."""
-
-
-class IndexMismatchError(ValueError):
-    """The index was built by another model (fingerprint or dimension differ)."""
-
-
-class IndexConflictError(RuntimeError):
-    """Another writer saved the index since this process opened it; reopen and redo the change."""
+class TrackletExistsError(ValueError):
+    """A tracklet id to add is already in the gallery (or repeated within the request)."""
 
 
 @dataclass(frozen=True)
@@ -127,42 +148,6 @@ class Hit:
         }
 
 
-class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers so writes are not starved."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._writer and not self._readers)
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -182,37 +167,124 @@ def _check_item(item: GalleryItem) -> str | None:
     return None
 
 
-class GalleryIndex:
-    """A persistent, searchable gallery of tracklet vectors; see the module docstring.
+def _normal_item(item: GalleryItem) -> GalleryItem:
+    return GalleryItem(
+        tracklet_id=item.tracklet_id,
+        modality=item.modality,
+        camid=int(item.camid),
+        camera=item.camera,
+        pid=None if item.pid is None else int(item.pid),
+        timestamp=None if item.timestamp is None else float(item.timestamp),
+        frames=tuple(str(f) for f in item.frames),
+    )
 
-    Build with :meth:`create`, load with :meth:`open`; changes are in memory until :meth:`save`.
+
+def _item_from_row(row: tuple) -> tuple[int, GalleryItem]:
+    internal, tracklet_id, modality, camid, camera, pid, timestamp, frames = row
+    item = GalleryItem(
+        tracklet_id=str(tracklet_id),
+        modality=Modality(int(modality)),
+        camid=int(camid),
+        camera=camera,
+        pid=None if pid is None else int(pid),
+        timestamp=None if timestamp is None else float(timestamp),
+        frames=tuple(json.loads(frames or "[]")),
+    )
+    return int(internal), item
+
+
+@dataclass
+class _Memory:
+    """The in-memory, derived side of the gallery as of change ``seq``: FAISS + metadata."""
+
+    vindex: VectorIndex
+    seq: int = 0
+    items: dict[int, GalleryItem] = field(default_factory=dict)
+    id_of: dict[str, int] = field(default_factory=dict)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    modality: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    camid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    selections: dict[tuple[Any, ...], Selection] = field(default_factory=dict)
+
+    def set_items(self, rows: list[tuple[int, GalleryItem]]) -> None:
+        self.items = dict(rows)
+        self.id_of = {item.tracklet_id: internal for internal, item in rows}
+        self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        self.modality = np.fromiter((int(r[1].modality) for r in rows), np.int8, len(rows))
+        self.camid = np.fromiter((r[1].camid for r in rows), np.int64, len(rows))
+        self.selections.clear()
+
+    def apply(
+        self, removed: np.ndarray, added: list[tuple[int, GalleryItem]], vectors: np.ndarray
+    ) -> None:
+        """Remove then add (ids are never reused, so the order cannot matter otherwise)."""
+        if len(vectors):
+            self.vindex.add(np.fromiter((a[0] for a in added), np.int64, len(added)), vectors)
+        gone = [i for i in removed.tolist() if i in self.items]
+        if gone:
+            self.vindex.remove(np.asarray(gone, dtype=np.int64))
+            for internal in gone:
+                del self.id_of[self.items.pop(internal).tracklet_id]
+            keep = ~np.isin(self.ids, gone)
+            self.ids, self.modality, self.camid = self.ids[keep], self.modality[keep], self.camid[keep]
+        if added:
+            for internal, item in added:
+                self.items[internal] = item
+                self.id_of[item.tracklet_id] = internal
+            self.ids = np.concatenate([self.ids, [a[0] for a in added]]).astype(np.int64)
+            self.modality = np.concatenate(
+                [self.modality, [int(a[1].modality) for a in added]]
+            ).astype(np.int8)
+            self.camid = np.concatenate([self.camid, [a[1].camid for a in added]]).astype(np.int64)
+        if gone or added:
+            self.selections.clear()
+
+
+class GalleryIndex:
+    """A persistent, searchable, live gallery of tracklet vectors; see the module docstring.
+
+    Make one with :meth:`create`, load one with :meth:`open`. Every :meth:`add`/:meth:`remove`
+    is committed to disk before it returns; :meth:`save` only writes a FAISS snapshot now.
     """
 
-    def __init__(self, path: Path, header: dict[str, Any], vindex: VectorIndex) -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        conn: sqlite3.Connection | None,
+        memory: _Memory,
+        *,
+        synchronous: str = "FULL",
+    ) -> None:
         self.path = path
-        self.dim: int = int(header["dim"])
-        self.fingerprint: str = str(header["model_fingerprint"])
-        self.similarity: str = str(header["similarity"])
-        self.index_type: str = str(header["index_type"])
-        self.model_config: dict[str, Any] = dict(header.get("model_config") or {})
-        self._generation = int(header.get("generation", 0))
-        self._created = str(header.get("created") or _now())
-        self._updated = str(header.get("updated") or self._created)
-        self._next_id = int(header.get("next_id", 0))
-        self._vindex = vindex
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._modality = np.zeros(0, dtype=np.int8)
-        self._camid = np.zeros(0, dtype=np.int64)
-        self._items: list[GalleryItem] = []
-        self._id_of: dict[str, int] = {}
-        self._thumb_at: dict[int, tuple[str, int, int]] = {}
-        self._pending_thumbs: dict[int, bytes] = {}
-        self._segments: dict[str, dict[str, Any]] = {}
-        self._selections: dict[tuple[Any, ...], Selection] = {}
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
-        self._lock = _RWLock()
-        self._dirty = False
+        self.db_file = path / DB_NAME
+        self.dim: int = int(meta["dim"])
+        self.fingerprint: str = str(meta["model_fingerprint"])
+        self.similarity: str = str(meta["similarity"])
+        self.index_type: str = str(meta["index_type"])
+        self.model_config: dict[str, Any] = dict(meta.get("model_config") or {})
+        self._created = str(meta.get("created") or _now())
+        self._nprobe = int(meta.get("nprobe") or 0)
+        self._synchronous = synchronous
+        self._conn = conn  # writes and change replay; used under _mutex only (None until created)
+        self._read_conn: sqlite3.Connection | None = None  # thumbnails, re-ranking vectors
+        self._read_lock = threading.Lock()
+        self._mutex = threading.RLock()  # one writer / replayer at a time in this process
+        self._lock = ReadWriteLock()  # readers vs the in-memory update
+        self._mem = memory
+        self._hook(memory)
+        # create(): nothing is written before the first commit, and with overwrite the old
+        # gallery stays as it was until then.
+        self._pending_init = False
+        self._pending_reset = False
+        self._meta_for_reset: dict[str, Any] = {}
+        self._reset_seq: int | None = None
+        self._data_version: int | None = None
+        self._snapshot_seq = -1
+        self._snapshot_at = time.monotonic()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._closed = False
 
     # ---- construction --------------------------------------------------------------------
 
@@ -229,15 +301,17 @@ class GalleryIndex:
         overwrite: bool = False,
         device: str = "auto",
         nprobe: int | None = None,
+        synchronous: str = "FULL",
     ) -> GalleryIndex:
-        """A new, empty index for ``path`` (nothing is written before :meth:`save`).
+        """A new, empty gallery in ``path`` (its database is created and committed at once).
 
-        With ``overwrite`` an existing index in ``path`` stays loadable and unchanged until the
-        new one is saved over it.
+        With ``overwrite`` an existing gallery in ``path`` stays loadable and unchanged until
+        the first :meth:`add` (or :meth:`save`) of the new one, which replaces it in the same
+        transaction.
 
         Raises:
             ValueError: bad dim, similarity or index type.
-            FileExistsError: ``path`` already holds an index and ``overwrite`` is False.
+            FileExistsError: ``path`` already holds a gallery and ``overwrite`` is False.
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}; known: {', '.join(INDEX_TYPES)}")
@@ -246,25 +320,31 @@ class GalleryIndex:
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         path = Path(path)
-        generation = 0
-        if (path / MANIFEST).exists():
-            if not overwrite:
-                raise FileExistsError(f"{path}: already holds an index (overwrite it explicitly)")
-            with contextlib.suppress(IndexFormatError):
-                generation = int(_read_header(path).get("generation", 0))
-        path.mkdir(parents=True, exist_ok=True)
+        file = path / DB_NAME
+        has_db = file.exists() and _has_schema(file)
+        if (has_db or (path / LEGACY_MANIFEST).exists()) and not overwrite:
+            raise FileExistsError(f"{path}: already holds an index (overwrite it explicitly)")
         configure_faiss()
-        header = {
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "dim": int(dim),
-            "model_fingerprint": model_fingerprint,
             "similarity": similarity,
             "index_type": index_type,
+            "nprobe": int(nprobe or 0),
+            "model_fingerprint": model_fingerprint,
             "model_config": model_config or {},
-            "generation": generation,
+            "created": _now(),
+            "updated": _now(),
         }
         vindex = VectorIndex(index_type, int(dim), IndexParams(nprobe=nprobe or 0))
-        index = cls(path, header, vindex)
-        index._dirty = True
+        index = cls(path, meta, None, _Memory(vindex), synchronous=synchronous)
+        index._meta_for_reset = meta
+        if has_db:
+            index._pending_reset = True
+            index._mem.seq = db.last_seq(index._db())
+        else:
+            index._pending_init = True
         index._select_device(device)
         return index
 
@@ -278,118 +358,150 @@ class GalleryIndex:
         device: str = "auto",
         verify: bool = True,
         nprobe: int | None = None,
+        synchronous: str = "FULL",
     ) -> GalleryIndex:
-        """Load an index, checking the model it was built with and every file's checksum.
+        """Open a gallery: check the model, load the snapshot, replay newer changes.
+
+        A format-1 folder is converted first (logged). ``verify`` checks the snapshot's
+        checksum (a corrupt snapshot is never trusted: the index is rebuilt instead).
 
         Raises:
-            IndexFormatError: missing or corrupt manifest or data file (the message names it).
+            IndexFormatError: not a gallery, or an unreadable database (the message names it).
             IndexMismatchError: ``expected_fingerprint``/``expected_dim`` differ from the index's.
         """
         path = Path(path)
-        for _attempt in range(3):
-            header = _read_header(path)
-            _check_model(path, header, expected_fingerprint, expected_dim)
-            try:
-                index = cls._load(path, header, verify)
-            except FileNotFoundError as exc:
-                if _read_header(path).get("generation") == header.get("generation"):
-                    raise IndexFormatError(
-                        f"{exc.filename}: data file listed in {path / MANIFEST} is missing"
-                    ) from None
-                continue  # a writer committed a new generation while we read: retry on it
-            if nprobe:
-                index._vindex.params.nprobe = int(nprobe)
-            index._select_device(device)
-            log.info("opened index %s: %d tracklets (%s)", path, len(index), index.index_type)
-            return index
-        raise IndexFormatError(f"{path / MANIFEST}: the index keeps changing while being opened")
+        if not path.is_dir():
+            raise IndexFormatError(f"{path}: no such index folder")
+        file = path / DB_NAME
+        if not file.exists():
+            if (path / LEGACY_MANIFEST).exists():
+                from vvireid.indexer.legacy import migrate
 
-    @classmethod
-    def _load(cls, path: Path, header: dict[str, Any], verify: bool) -> GalleryIndex:
+                migrate(path, synchronous=synchronous)
+            else:
+                raise IndexFormatError(
+                    f"{path / DB_NAME}: missing; {path} is not a vvireid index (or its build "
+                    "never finished)"
+                )
         configure_faiss()
-        listed = header["files"]
-        if verify:
-            for entry in [listed["index"], listed["items"], *listed.get("thumbnails", [])] + (
-                [listed["vectors"]] if "vectors" in listed else []
-            ):
-                _verify_file(path, entry)
-        params = IndexParams.from_dict(header.get("index_params") or {})
+        conn = db.connect(file, synchronous=synchronous)
         try:
-            vindex = VectorIndex.read(
-                header["index_type"], int(header["dim"]), params, path / listed["index"]["name"]
-            )
-        except RuntimeError as exc:
-            raise IndexFormatError(
-                f"{path / listed['index']['name']}: not a readable FAISS index ({exc})"
-            ) from None
-        index = cls(path, header, vindex)
-        index._read_items(path / listed["items"]["name"])
-        index._segments = {e["name"]: e for e in listed.get("thumbnails", [])}
-        if "vectors" in listed:
-            vectors = _load_vectors(path / listed["vectors"]["name"], len(index), index.dim)
-            vindex.set_exact(index._ids, vectors)
-        if vindex.ntotal != len(index) or vindex.index.d != index.dim:
-            raise IndexFormatError(
-                f"{path / listed['index']['name']}: holds {vindex.ntotal} vectors of dim "
-                f"{vindex.index.d}, but {listed['items']['name']} lists {len(index)} "
-                f"tracklets of dim {index.dim}"
-            )
+            meta = db.read_meta(conn, file)
+            _check_model(path, meta, expected_fingerprint, expected_dim)
+            params = IndexParams(nprobe=int(nprobe or meta.get("nprobe") or 0))
+            memory = _Memory(VectorIndex(str(meta["index_type"]), int(meta["dim"]), params))
+            index = cls(path, meta, conn, memory, synchronous=synchronous)
+            index._mem = index._load_memory(verify=verify)
+            index._hook(index._mem)
+        except BaseException:
+            conn.close()
+            raise
+        if nprobe:
+            index.nprobe = int(nprobe)
+        index._select_device(device)
+        log.info("opened index %s: %d tracklets (%s)", path, len(index), index.index_type)
         return index
 
-    def _read_items(self, file: Path) -> None:
-        ids, mods, cams = [], [], []
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    record = json.loads(line)
-                    item = GalleryItem(
-                        tracklet_id=str(record["tracklet_id"]),
-                        modality=Modality.parse(record["modality"]),
-                        camid=int(record["camid"]),
-                        camera=record.get("camera"),
-                        pid=record.get("pid"),
-                        timestamp=record.get("timestamp"),
-                        frames=tuple(record.get("frames") or ()),
-                    )
-                    internal = int(record["id"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise IndexFormatError(
-                        f"{file}:{number}: malformed item record ({exc})"
-                    ) from None
-                if ids and internal <= ids[-1]:
-                    raise IndexFormatError(
-                        f"{file}:{number}: ids must increase ({internal} after {ids[-1]})"
-                    )
-                ids.append(internal)
-                mods.append(int(item.modality))
-                cams.append(item.camid)
-                self._items.append(item)
-                self._id_of[item.tracklet_id] = internal
-                if record.get("thumb"):
-                    name, offset, length = record["thumb"]
-                    self._thumb_at[internal] = (str(name), int(offset), int(length))
-        self._ids = np.asarray(ids, dtype=np.int64)
-        self._modality = np.asarray(mods, dtype=np.int8)
-        self._camid = np.asarray(cams, dtype=np.int64)
+    def _db(self) -> sqlite3.Connection:
+        """The writer connection (created with the folder on the first commit of a new one)."""
+        if self._conn is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._conn = db.connect(self.db_file, synchronous=self._synchronous)
+        return self._conn
+
+    def _hook(self, memory: _Memory) -> None:
+        memory.vindex.fetch_exact = self._fetch_exact
+        if self._nprobe and not memory.vindex.params.nprobe:
+            memory.vindex.params.nprobe = self._nprobe
 
     def _select_device(self, device: str) -> None:
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+        self._device = device
         if device == "cpu":
             return
-        on_gpu = self._vindex.enable_gpu()
+        on_gpu = self._mem.vindex.enable_gpu()
         if device.startswith("cuda") and not on_gpu:
             raise ValueError(
                 f"device {device!r} requested, but FAISS has no GPU support or sees no GPU"
             )
 
+    # ---- loading -------------------------------------------------------------------------
+
+    def _load_memory(self, *, verify: bool = True, retrain: bool = False) -> _Memory:
+        """Metadata and FAISS index as of one consistent database view, snapshot when usable."""
+        conn = db.connect(self.db_file, synchronous=self._synchronous)
+        try:
+            with db.read_transaction(conn, self.db_file):
+                seq = db.last_seq(conn)
+                rows = [_item_from_row(r) for r in db.fetch_item_rows(conn)]
+                vindex = None if retrain else self._load_snapshot(conn, seq, rows, verify)
+                if vindex is None:
+                    vindex = self._rebuild(conn, [r[0] for r in rows], train=retrain)
+        finally:
+            conn.close()
+        memory = _Memory(vindex, seq=seq)
+        memory.set_items(rows)
+        self._hook(memory)
+        return memory
+
+    def _load_snapshot(
+        self, conn: sqlite3.Connection, seq: int, rows: list[tuple[int, GalleryItem]], verify: bool
+    ) -> VectorIndex | None:
+        """The snapshot brought up to ``seq`` by replaying the change log, or None (logged)."""
+        file = self.path / SNAPSHOT
+        if not file.exists():
+            if rows:
+                log.warning("%s: no FAISS snapshot; rebuilding the index from the database", file)
+            return None
+        try:
+            header, vindex = _read_snapshot(file, self, verify)
+            if header["seq"] > seq:
+                raise ValueError(f"it covers change {header['seq']}, the database ends at {seq}")
+            _, changes = db.changes_since(conn, int(header["seq"]))
+            if any(op == "reset" for op, _ in changes):
+                raise ValueError("the gallery was replaced after it was written")
+            added, removed = _net_changes(changes)
+            live = {r[0] for r in rows}
+            vindex.remove(np.asarray(sorted(removed), dtype=np.int64))
+            fresh = [i for i in added if i in live]
+            _add_stored(conn, self.db_file, vindex, fresh, self.dim)
+            if vindex.ntotal != len(rows):
+                raise ValueError(f"{vindex.ntotal} vectors after replay, {len(rows)} in the database")
+        except (IndexFormatError, ValueError, RuntimeError, OSError) as exc:
+            log.warning(
+                "%s: snapshot unusable (%s); rebuilding the index from the database", file, exc
+            )
+            return None
+        log.info("loaded snapshot %s (change %d) and replayed to change %d", file, header["seq"], seq)
+        self._snapshot_seq = int(header["seq"])
+        return vindex
+
+    def _rebuild(self, conn: sqlite3.Connection, ids: list[int], *, train: bool) -> VectorIndex:
+        """A fresh FAISS index of every stored vector (IVF types are trained on them first)."""
+        started = time.perf_counter()
+        params = IndexParams(nprobe=self._nprobe)
+        vindex = VectorIndex(self.index_type, self.dim, params)
+        if min_train_size(self.index_type) and ids:
+            sample = ids if len(ids) <= 100_000 else ids[:: max(1, len(ids) // 100_000)]
+            found = db.fetch_vectors(conn, sample, self.dim)
+            vindex.train(np.stack([found[i] for i in sample if i in found]))
+        _add_stored(conn, self.db_file, vindex, ids, self.dim)
+        if ids:
+            log.info(
+                "built the %s index of %d vectors from %s in %.1f s%s",
+                self.index_type, len(ids), self.db_file, time.perf_counter() - started,
+                " (retrained)" if train else "",
+            )
+        return vindex
+
     # ---- reading -------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._mem.items)
 
     def __contains__(self, tracklet_id: object) -> bool:
-        return tracklet_id in self._id_of
+        return tracklet_id in self._mem.id_of
 
     def __enter__(self) -> GalleryIndex:
         return self
@@ -399,114 +511,119 @@ class GalleryIndex:
 
     @property
     def device(self) -> str:
-        return "cuda" if self._vindex.use_gpu else "cpu"
+        return "cuda" if self._mem.vindex.use_gpu else "cpu"
 
     @property
     def nprobe(self) -> int:
         """IVF clusters visited per query (0 for flat); raise it for recall, lower it for speed."""
-        return self._vindex.params.nprobe
+        return self._mem.vindex.params.nprobe
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self._vindex.params.nprobe = max(1, int(value))
+        self._nprobe = max(1, int(value))
+        self._mem.vindex.params.nprobe = self._nprobe
+
+    @property
+    def change_seq(self) -> int:
+        """The last committed change this process has applied (grows with every write)."""
+        return self._mem.seq
 
     def get(self, tracklet_id: str) -> GalleryItem | None:
         """The metadata of an indexed tracklet, None when absent."""
         with self._lock.read():
-            internal = self._id_of.get(tracklet_id)
-            return None if internal is None else self._items[self._position(internal)]
+            internal = self._mem.id_of.get(tracklet_id)
+            return None if internal is None else self._mem.items[internal]
 
     def tracklet_ids(self) -> list[str]:
         """Every indexed tracklet id, in insertion order."""
         with self._lock.read():
-            return [item.tracklet_id for item in self._items]
-
-    def _position(self, internal: int) -> int:
-        return int(np.searchsorted(self._ids, internal))
-
-    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
-        """The stored vectors of ``tracklet_ids``, float32 [N, D] (re-ranking reads a shortlist's).
-
-        Raises:
-            KeyError: naming the ids that are not in the index.
-        """
-        if self._vindex.index_type == "ivf" and not getattr(self, "_direct_map", False):
-            import faiss
-
-            with self._lock.write():  # IVF lists need an id -> slot map; built once
-                ivf = faiss.extract_index_ivf(self._vindex.index)
-                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-                self._direct_map = True
-        with self._lock.read():
-            missing = [t for t in tracklet_ids if t not in self._id_of]
-            if missing:
-                raise KeyError(f"{self.path}: tracklets not in the index: {missing[:5]}")
-            ids = np.array([self._id_of[t] for t in tracklet_ids], dtype=np.int64)
-            if self._vindex.keeps_exact:
-                rows = np.searchsorted(self._vindex.exact_ids, ids)
-                return np.asarray(self._vindex.exact, dtype=np.float32)[rows]
-            if not len(ids):
-                return np.zeros((0, self.dim), dtype=np.float32)
-            return np.asarray(self._vindex.index.reconstruct_batch(ids), dtype=np.float32)
+            memory = self._mem
+            return [memory.items[i].tracklet_id for i in sorted(memory.items)]
 
     def thumbnail(self, tracklet_id: str) -> bytes | None:
-        """The tracklet's JPEG thumbnail, None when absent (unknown id or built without)."""
-        with self._lock.read():
-            internal = self._id_of.get(tracklet_id)
-            if internal is None:
-                return None
-            if internal in self._pending_thumbs:
-                return self._pending_thumbs[internal]
-            where = self._thumb_at.get(internal)
-            return None if where is None else self._read_blob(*where)
+        """The tracklet's JPEG thumbnail, None when absent (unknown id or built without).
 
-    def _read_blob(self, segment: str, offset: int, length: int) -> bytes:
-        with self._fd_lock:
-            fd = self._fds.get(segment)
-            if fd is None:
-                fd = self._fds[segment] = os.open(self.path / segment, os.O_RDONLY)
-        return os.pread(fd, length, offset)
+        Read from the database by internal id (never a path a client could choose).
+        """
+        internal = self._mem.id_of.get(tracklet_id)
+        if internal is None:
+            return None
+        row = self._read("SELECT jpeg FROM thumbnails WHERE id = ?", (internal,))
+        return None if not row else bytes(row[0][0])
 
-    def close(self) -> None:
-        """Release open thumbnail files (the index stays usable; they reopen on demand)."""
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of ``tracklet_ids`` in that order, float32 [N, D] (re-ranking).
+
+        Raises:
+            KeyError: naming the ids that are not in the gallery.
+        """
+        id_of = self._mem.id_of
+        missing = [t for t in tracklet_ids if t not in id_of]
+        if missing:
+            raise KeyError(f"{self.path}: tracklets not in the gallery: {missing[:5]}")
+        ids = np.array([id_of[t] for t in tracklet_ids], dtype=np.int64)
+        found = self._fetch_exact(ids)
+        rows = [found[int(i)] for i in ids]
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
+
+    def _read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        """One SELECT on the shared read connection (opened lazily, closed by :meth:`close`)."""
+        if self._pending_init:
+            return []  # created, nothing committed yet: no database to read
+        with self._read_lock:
+            if self._read_conn is None:
+                self._read_conn = db.connect(self.db_file, synchronous=self._synchronous)
+            try:
+                return self._read_conn.execute(sql, list(args)).fetchall()
+            except sqlite3.Error as exc:
+                raise db.translate(exc, self.db_file, "read the gallery") from None
+
+    def _fetch_exact(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+        with self._read_lock:
+            if self._read_conn is None:
+                self._read_conn = db.connect(self.db_file, synchronous=self._synchronous)
+            return db.fetch_vectors(self._read_conn, ids.tolist(), self.dim)
 
     def stats(self) -> dict[str, Any]:
         """Counts per modality and camera, and what the index is (dim, metric, model, times)."""
         with self._lock.read():
-            per_modality: dict[str, Any] = {}
-            for modality in Modality:
-                chosen = [it for it in self._items if it.modality == modality]
-                cams = Counter(it.camid for it in chosen)
-                names = {str(it.camid): it.camera for it in chosen if it.camera is not None}
-                per_modality[modality.label] = {
-                    "count": len(chosen),
-                    "by_camid": {str(c): n for c, n in sorted(cams.items())},
-                    "camera_names": dict(sorted(names.items())),
-                }
-            return {
-                "path": str(self.path),
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "count": len(self._items),
-                "per_modality": per_modality,
-                "dim": self.dim,
-                "metric": "inner_product",
-                "similarity": self.similarity,
-                "index_type": self.index_type,
-                "index_params": self._vindex.params.to_dict(),
-                "model_fingerprint": self.fingerprint,
-                "model_method": self.model_config.get("method"),
-                "thumbnails": len(self._thumb_at) + len(self._pending_thumbs),
-                "generation": self._generation,
-                "created": self._created,
-                "updated": self._updated,
-                "unsaved_changes": self._dirty,
-                "device": self.device,
+            memory = self._mem
+            items = list(memory.items.values())
+            params = memory.vindex.params.to_dict()
+            seq = memory.seq
+        per_modality: dict[str, Any] = {}
+        for modality in Modality:
+            chosen = [it for it in items if it.modality == modality]
+            cams = Counter(it.camid for it in chosen)
+            names = {str(it.camid): it.camera for it in chosen if it.camera is not None}
+            per_modality[modality.label] = {
+                "count": len(chosen),
+                "by_camid": {str(c): n for c, n in sorted(cams.items())},
+                "camera_names": dict(sorted(names.items())),
             }
+        updated = self._read("SELECT value FROM meta WHERE key = 'updated'", ())
+        thumbs = sum(r[0] for r in self._read("SELECT count(*) FROM thumbnails", ()))
+        return {
+            "path": str(self.path),
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "count": len(items),
+            "per_modality": per_modality,
+            "dim": self.dim,
+            "metric": "inner_product",
+            "similarity": self.similarity,
+            "index_type": self.index_type,
+            "index_params": params,
+            "model_fingerprint": self.fingerprint,
+            "model_method": self.model_config.get("method"),
+            "thumbnails": int(thumbs),
+            "change_seq": seq,
+            "snapshot_seq": self._snapshot_seq,
+            "synchronous": self._synchronous,
+            "created": self._created,
+            "updated": json.loads(updated[0][0]) if updated else None,
+            "device": self.device,
+        }
 
     # ---- search --------------------------------------------------------------------------
 
@@ -531,49 +648,46 @@ class GalleryIndex:
         queries = self._prepare_vectors(np.asarray(queries, dtype=np.float32), "queries")
         wanted = None if modality is None else Modality.parse(modality)
         with self._lock.read():
-            selection = self._selection(wanted, camids)
-            scores, ids = self._vindex.search(queries, int(k), selection)
-            positions = np.searchsorted(self._ids, np.maximum(ids, 0))
+            memory = self._mem
+            selection = self._selection(memory, wanted, camids)
+            scores, ids = memory.vindex.search(queries, int(k), selection)
             return [
-                self._hits(row_scores.tolist(), row_positions[row_ids >= 0].tolist())
-                for row_scores, row_ids, row_positions in zip(scores, ids, positions, strict=True)
+                self._hits(memory, row_scores.tolist(), row_ids[row_ids >= 0].tolist())
+                for row_scores, row_ids in zip(scores, ids, strict=True)
             ]
 
-    def _hits(self, scores: list[float], positions: list[int]) -> list[Hit]:
-        """Hits of one query; ``positions`` index ``_items`` (valid results are a prefix)."""
+    @staticmethod
+    def _hits(memory: _Memory, scores: list[float], ids: list[int]) -> list[Hit]:
+        """Hits of one query (valid results are a prefix of the row)."""
         hits = []
-        for rank, (score, position) in enumerate(zip(scores, positions, strict=False), start=1):
-            item = self._items[position]
+        for rank, (score, internal) in enumerate(zip(scores, ids, strict=False), start=1):
+            item = memory.items[internal]
             hits.append(
                 Hit(
-                    rank,
-                    item.tracklet_id,
-                    score,
-                    item.modality,
-                    item.camid,
-                    item.camera,
-                    item.pid,
-                    item.timestamp,
+                    rank, item.tracklet_id, score, item.modality, item.camid, item.camera,
+                    item.pid, item.timestamp,
                 )
             )
         return hits
 
+    @staticmethod
     def _selection(
-        self, modality: Modality | None, camids: Collection[int] | None
+        memory: _Memory, modality: Modality | None, camids: Collection[int] | None
     ) -> Selection | None:
         """The cached bitmap for a filter (None = no filter); built under the read lock."""
         if modality is None and camids is None:
             return None
         key = (modality, None if camids is None else frozenset(int(c) for c in camids))
-        selection = self._selections.get(key)
+        selection = memory.selections.get(key)
         if selection is None:
-            mask = np.ones(len(self._ids), dtype=bool)
+            mask = np.ones(len(memory.ids), dtype=bool)
             if modality is not None:
-                mask &= self._modality == int(modality)
+                mask &= memory.modality == int(modality)
             if camids is not None:
-                mask &= np.isin(self._camid, np.fromiter(key[1], dtype=np.int64, count=len(key[1])))
-            selection = Selection(self._ids[mask], self._next_id)
-            self._selections[key] = selection
+                mask &= np.isin(memory.camid, np.fromiter(key[1], dtype=np.int64, count=len(key[1])))
+            bound = int(memory.ids.max()) + 1 if len(memory.ids) else 1
+            selection = Selection(memory.ids[mask], bound)
+            memory.selections[key] = selection
         return selection
 
     def _prepare_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
@@ -599,13 +713,19 @@ class GalleryIndex:
         vectors: np.ndarray,
         thumbnails: Sequence[bytes | None] | None = None,
     ) -> None:
-        """Add tracklets with their vectors (and optional JPEG thumbnails), in memory.
+        """Add tracklets with their vectors (and optional JPEG thumbnails), committed at once.
+
+        One transaction for the whole call: when this returns, the change is on disk (and
+        visible to other processes); when it raises, nothing was added, in memory or on disk.
 
         Raises:
-            ValueError: a malformed item or vector row, a length mismatch, or a tracklet id that
-                is already indexed or repeated (the message names them); nothing is added then.
+            ValueError: a malformed item or vector row, a length mismatch, or too few vectors to
+                train an IVF index (the message names them); TrackletExistsError (a ValueError)
+                for a tracklet id that is already indexed or repeated.
+            GalleryBusyError: another process kept the database locked past the busy timeout.
+            GalleryWriteError: the disk refused the write (full, read-only).
         """
-        items = list(items)
+        items = [_normal_item(it) if not _check_item(it) else it for it in items]
         vectors = self._prepare_vectors(np.asarray(vectors, dtype=np.float32), "vectors")
         if len(vectors) != len(items):
             raise ValueError(f"{len(items)} items but {len(vectors)} vector rows")
@@ -614,316 +734,501 @@ class GalleryIndex:
         problems = [p for p in map(_check_item, items) if p]
         if problems:
             raise ValueError("invalid gallery items: " + "; ".join(problems[:10]))
-        if not items:
+        counts = Counter(it.tracklet_id for it in items)
+        repeated = sorted(t for t, n in counts.items() if n > 1)
+        if repeated:
+            raise TrackletExistsError(f"tracklet id(s) repeated: {', '.join(repeated[:20])}")
+        if not items and not (self._pending_reset or self._pending_init):
             return
-        with self._lock.write():
-            self._add_locked(items, vectors, thumbnails)
+        with self._mutex:
+            self._check_trainable(len(items))
+            with self._writing("add tracklets"):
+                self._reset_if_pending()
+                ids = self._insert(items, vectors, thumbnails)
+                self._log_change("add", ids)
+            self._after_commit(("add", ids, items, vectors))
 
-    def _add_locked(
+    def _check_trainable(self, adding: int) -> None:
+        """Refuse before writing when an untrained IVF index could not train on the gallery."""
+        need = min_train_size(self.index_type)
+        have = len(self) + adding
+        if need and not self._mem.vindex.is_trained and have < need:
+            raise ValueError(
+                f"an {self.index_type} index needs at least {need} vectors to train, got "
+                f"{have}; use index type 'flat' (exact, fine up to a few million tracklets)"
+            )
+
+    @contextlib.contextmanager
+    def _writing(self, doing: str) -> Any:
+        if self._closed:
+            raise RuntimeError(f"{self.path}: the gallery is closed")
+        with db.write_transaction(self._db(), self.db_file, doing):
+            yield
+            db.write_meta(self._db(), {"updated": _now()})
+
+    def _insert(
         self,
         items: list[GalleryItem],
         vectors: np.ndarray,
         thumbnails: Sequence[bytes | None] | None,
-    ) -> None:
-        counts = Counter(it.tracklet_id for it in items)
-        dupes = sorted(
-            {t for t, n in counts.items() if n > 1} | {t for t in counts if t in self._id_of}
-        )
-        if dupes:
-            raise ValueError(f"tracklet id(s) already indexed or repeated: {', '.join(dupes[:20])}")
-        ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
-        self._vindex.add(ids, vectors)  # first, so a training failure changes nothing
-        self._next_id += len(items)
-        self._ids = np.concatenate([self._ids, ids])
-        self._modality = np.concatenate(
-            [self._modality, [int(it.modality) for it in items]]
-        ).astype(np.int8)
-        self._camid = np.concatenate([self._camid, [int(it.camid) for it in items]]).astype(
-            np.int64
-        )
-        for internal, item in zip(ids.tolist(), items, strict=True):
-            self._items.append(
-                GalleryItem(
-                    tracklet_id=item.tracklet_id,
-                    modality=item.modality,
-                    camid=int(item.camid),
-                    camera=item.camera,
-                    pid=None if item.pid is None else int(item.pid),
-                    timestamp=None if item.timestamp is None else float(item.timestamp),
-                    frames=tuple(str(f) for f in item.frames),
+    ) -> list[int]:
+        conn = self._conn
+        wanted = [it.tracklet_id for it in items]
+        taken: list[str] = []
+        for part in db.chunks(wanted):
+            marks = ",".join("?" * len(part))
+            taken += [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT tracklet_id FROM tracklets WHERE tracklet_id IN ({marks})", list(part)
                 )
+            ]
+        if taken:
+            raise TrackletExistsError(
+                f"tracklet id(s) already indexed: {', '.join(sorted(taken)[:20])}"
             )
-            self._id_of[item.tracklet_id] = internal
-        for internal, thumb in zip(ids.tolist(), thumbnails or (), strict=False):
-            if thumb:
-                self._pending_thumbs[internal] = bytes(thumb)
-        self._changed()
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tracklets'").fetchone()
+        first = int(row[0] if row else 0) + 1  # AUTOINCREMENT: ids are never reused
+        ids = list(range(first, first + len(items)))
+        conn.executemany(
+            f"INSERT INTO tracklets({db.ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    internal, it.tracklet_id, int(it.modality), it.camid, it.camera, it.pid,
+                    it.timestamp, json.dumps(list(it.frames), ensure_ascii=False),
+                )
+                for internal, it in zip(ids, items, strict=True)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO vectors(id, vector) VALUES (?, ?)",
+            [(i, db.vector_blob(v)) for i, v in zip(ids, vectors, strict=True)],
+        )
+        if thumbnails is not None:
+            conn.executemany(
+                "INSERT INTO thumbnails(id, jpeg) VALUES (?, ?)",
+                [(i, bytes(t)) for i, t in zip(ids, thumbnails, strict=True) if t],
+            )
+        return ids
+
+    def _log_change(self, op: str, ids: Sequence[int]) -> None:
+        self._conn.execute("INSERT INTO changes(op, ids) VALUES (?, ?)", (op, db.ids_blob(ids)))
+
+    def _reset_if_pending(self) -> None:
+        """First commit after :meth:`create`: make the schema, or replace the old gallery."""
+        conn = self._db()
+        if self._pending_init and not _has_schema(conn):
+            db.init_schema(conn, self._meta_for_reset)
+            self._pending_reset = False
+        elif self._pending_init or self._pending_reset:
+            self._pending_reset = True
+            for table in ("tracklets", "vectors", "thumbnails"):
+                conn.execute(f"DELETE FROM {table}")
+            db.write_meta(conn, self._meta_for_reset)
+            self._log_change("reset", [])
+            self._reset_seq = db.last_seq(conn)
 
     def remove(self, tracklet_ids: Sequence[str]) -> int:
-        """Remove tracklets (in memory); returns how many were removed.
+        """Remove tracklets, committed before returning; returns how many were removed.
 
-        All or nothing: if any id is not indexed, nothing is removed.
+        All or nothing: if any id is not in the gallery, nothing is removed.
 
         Raises:
             KeyError: naming the ids that are not in the index.
+            GalleryBusyError, GalleryWriteError: as for :meth:`add`; nothing changed then.
         """
         wanted = list(dict.fromkeys(tracklet_ids))
-        with self._lock.write():
-            missing = [t for t in wanted if t not in self._id_of]
-            if missing:
-                raise KeyError(
-                    f"not in the index: {', '.join(map(str, missing[:20]))}"
-                    + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-                )
-            if not wanted:
-                return 0
-            gone = np.asarray(sorted(self._id_of.pop(t) for t in wanted), dtype=np.int64)
-            self._vindex.remove(gone)
-            keep = ~np.isin(self._ids, gone)
-            self._items = [it for it, k in zip(self._items, keep, strict=True) if k]
-            self._ids, self._modality, self._camid = (
-                self._ids[keep],
-                self._modality[keep],
-                self._camid[keep],
+        if not wanted:
+            return 0
+        with self._mutex:
+            with self._writing("remove tracklets"):
+                ids = self._delete(wanted)
+            self._after_commit(("remove", ids, [], None))
+        return len(ids)
+
+    def _delete(self, wanted: list[str]) -> list[int]:
+        """Delete the rows of ``wanted`` inside the open transaction; KeyError if any is absent."""
+        found: dict[str, int] = {}
+        for part in db.chunks(wanted):
+            marks = ",".join("?" * len(part))
+            found.update(
+                self._conn.execute(
+                    f"SELECT tracklet_id, id FROM tracklets WHERE tracklet_id IN ({marks})",
+                    list(part),
+                ).fetchall()
             )
-            for internal in gone.tolist():
-                self._thumb_at.pop(internal, None)
-                self._pending_thumbs.pop(internal, None)
-            self._changed()
-            return len(gone)
+        missing = [t for t in wanted if t not in found]
+        if missing:
+            raise KeyError(
+                f"not in the index: {', '.join(map(str, missing[:20]))}"
+                + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            )
+        ids = sorted(found.values())
+        for table in ("tracklets", "vectors", "thumbnails"):
+            for part in db.chunks(ids):
+                marks = ",".join("?" * len(part))
+                self._conn.execute(f"DELETE FROM {table} WHERE id IN ({marks})", list(part))
+        self._log_change("remove", ids)
+        return ids
 
-    def _changed(self) -> None:
-        self._selections.clear()
-        self._dirty = True
-        self._updated = _now()
+    def _after_commit(self, own: tuple[str, list[int], list[GalleryItem], Any]) -> None:
+        """Bring memory up to the database after this process's own commit (mutex held).
 
-    def save(self) -> None:
-        """Persist the index atomically (see the module docstring for the protocol).
-
-        Raises:
-            IndexConflictError: another writer saved this folder since it was opened here.
-            OSError: the disk refused a write; the previous index on disk is untouched then.
+        When no other process committed in between, the change is applied from what is already
+        in memory; otherwise the change log is replayed (which covers this change too).
         """
-        with self._lock.write(), files.folder_lock(self.path):
-            on_disk = (
-                _read_header(self.path).get("generation", 0)
-                if (self.path / MANIFEST).exists()
-                else 0
-            )
-            if on_disk != self._generation:
-                raise IndexConflictError(
-                    f"{self.path}: saved by another writer (generation {on_disk}, this copy has "
-                    f"{self._generation}); reopen the index and apply the change again"
-                )
-            generation = self._generation + 1
-            listed, thumb_at, segments = self._write_data(generation)
-            header = self._header(generation, listed)
-            manifest = json.dumps(header, indent=2).encode()
-            files.write_bytes_atomic(self.path / MANIFEST, manifest, sync_dir=False)
-            # Committed by the rename. Bookkeeping and tidying up remain; neither fails the save.
-            self._generation = generation
-            self._thumb_at, self._segments = thumb_at, segments
-            self._pending_thumbs.clear()
-            self._dirty = False
+        seq = db.last_seq(self._db())
+        op, ids, items, vectors = own
+        try:
+            if self._pending_init or self._pending_reset:
+                self._start_fresh()
+            if seq == self._mem.seq + 1:
+                added = list(zip(ids, items, strict=True)) if op == "add" else []
+                removed = np.asarray(ids if op == "remove" else [], dtype=np.int64)
+                vecs = vectors if op == "add" else np.zeros((0, self.dim), np.float32)
+                with self._lock.write():
+                    self._mem.apply(removed, added, vecs)
+                    self._mem.seq = seq
+            else:
+                self._catch_up()
+        except Exception:
+            # Committed, but memory could not follow: rebuild it from disk so both agree again.
+            log.exception("%s: applying a committed change failed; reloading", self.path)
+            self._reload()
+
+    def _start_fresh(self) -> None:
+        """After the first commit of a created gallery: memory restarts empty at the reset."""
+        vindex = VectorIndex(self.index_type, self.dim, IndexParams(nprobe=self._nprobe))
+        if self._mem.vindex.use_gpu:
+            vindex.enable_gpu()
+        memory = _Memory(vindex, seq=self._reset_seq or 0)
+        self._hook(memory)
+        with self._lock.write():
+            self._mem = memory
+        self._pending_init = self._pending_reset = False
+        self._reset_seq = None
+        if (self.path / LEGACY_MANIFEST).exists():
+            from vvireid.indexer.legacy import remove_legacy_files
+
+            remove_legacy_files(self.path)
+
+    def refresh(self) -> int:
+        """Apply changes other processes committed; returns how many changes were applied.
+
+        Cheap when nothing changed: one ``PRAGMA data_version`` on a connection of its own.
+        """
+        with self._mutex:
+            if self._conn is None or self._closed:
+                return 0
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return 0
+            self._data_version = version
+            before = self._mem.seq
+            self._catch_up()
+            return self._mem.seq - before
+
+    def _catch_up(self) -> None:
+        """Replay the change log after ``self._mem.seq`` into memory (mutex held)."""
+        conn = self._db()
+        rows: list[tuple[int, GalleryItem]] = []
+        found: dict[int, np.ndarray] = {}
+        removed: set[int] = set()
+        with db.read_transaction(conn, self.db_file):
+            last, changes = db.changes_since(conn, self._mem.seq)
+            if not changes:
+                return
+            reset = any(op == "reset" for op, _ in changes)
+            if not reset:
+                added_ids, removed = _net_changes(changes)
+                rows = [_item_from_row(r) for r in db.fetch_item_rows(conn, added_ids)]
+                found = db.fetch_vectors(conn, [r[0] for r in rows], self.dim)
+        if reset:
+            self._reload()
+            return
+        rows = [r for r in rows if r[0] in found]
+        vectors = (
+            np.stack([found[r[0]] for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
+        )
+        if rows and not self._mem.vindex.is_trained and len(rows) < min_train_size(self.index_type):
+            self._reload()  # another process added to an untrained IVF gallery: rebuild and train
+            return
+        with self._lock.write():
+            self._mem.apply(np.asarray(sorted(removed), dtype=np.int64), rows, vectors)
+            self._mem.seq = last
+        log.info("%s: applied %d committed change(s), now at change %d", self.path, len(changes), last)
+
+    def _reload(self) -> None:
+        """Replace memory with a fresh load from the database (mutex held)."""
+        memory = self._load_memory(verify=True)
+        if self._mem.vindex.use_gpu:
+            memory.vindex.enable_gpu()
+        with self._lock.write():
+            self._mem = memory
+
+    def retrain(self) -> dict[str, Any]:
+        """Train a new IVF index on the stored vectors and swap it in; searches go on meanwhile.
+
+        Training runs on one consistent view of the database, outside every lock; the changes
+        committed during training are replayed before the swap. Also rebuilds a flat index.
+        """
+        started = time.perf_counter()
+        memory = self._load_memory(retrain=True)
+        with self._mutex:
+            previous, self._mem = self._mem, memory  # catch-up works on self._mem
             try:
-                files.fsync_dir(self.path)
-                self._remove_unlisted(header)
-            except OSError as exc:
-                log.warning(
-                    "index %s saved, but tidying up failed (%s); unused files remain",
-                    self.path,
-                    exc,
-                )
-            log.info(
-                "saved index %s (generation %d, %d tracklets)", self.path, generation, len(self)
-            )
-
-    def _write_data(
-        self, gen: int
-    ) -> tuple[dict[str, Any], dict[int, tuple[str, int, int]], dict[str, Any]]:
-        """Write the data files of generation ``gen``; returns (entries, thumb map, segments)."""
-        thumb_at, segments = self._write_thumbnails(gen)
-        listed: dict[str, Any] = {}
-        index_name = f"index.{gen:06d}.faiss"
-        files.write_atomic(self.path / index_name, self._vindex.write_index)
-        listed["index"] = _entry(self.path, index_name)
-        items_name = f"items.{gen:06d}.jsonl"
-        files.write_stream_atomic(self.path / items_name, lambda fh: self._dump_items(fh, thumb_at))
-        listed["items"] = _entry(self.path, items_name)
-        if self._vindex.keeps_exact:
-            vectors_name = f"vectors.{gen:06d}.npy"
-            exact = np.asarray(self._vindex.exact, dtype=np.float32)
-            files.write_stream_atomic(self.path / vectors_name, lambda fh: np.save(fh, exact))
-            listed["vectors"] = _entry(self.path, vectors_name)
-        listed["thumbnails"] = list(segments.values())
-        return listed, thumb_at, segments
-
-    def _write_thumbnails(self, gen: int) -> tuple[dict[int, tuple[str, int, int]], dict[str, Any]]:
-        """New segment of pending thumbnails (all live ones when compacting); memory unchanged."""
-        live = dict(self._thumb_at)
-        used = Counter(loc[0] for loc in live.values())
-        total = sum(int(self._segments[name]["bytes"]) for name in used)
-        live_bytes = sum(loc[2] for loc in live.values())
-        compact = total >= _COMPACT_MIN_BYTES and live_bytes * 2 < total
-        blobs = dict(self._pending_thumbs)
-        if compact:
-            blobs.update({i: self._read_blob(*loc) for i, loc in live.items()})
-            live = {}
-        segments = {name: self._segments[name] for name in used if not compact}
-        if blobs:
-            name = f"thumbs.{gen:06d}.bin"
-            order = sorted(blobs)
-            offsets = np.cumsum([0] + [len(blobs[i]) for i in order]).tolist()
-
-            def fill(handle: Any) -> None:
-                for internal in order:
-                    handle.write(blobs[internal])
-
-            files.write_stream_atomic(self.path / name, fill)
-            live.update({i: (name, offsets[n], len(blobs[i])) for n, i in enumerate(order)})
-            segments[name] = _entry(self.path, name)
-        return live, segments
-
-    def _dump_items(self, handle: Any, thumb_at: dict[int, tuple[str, int, int]]) -> None:
-        for internal, item in zip(self._ids.tolist(), self._items, strict=True):
-            record = {"id": internal, **item.to_dict(), "thumb": thumb_at.get(internal)}
-            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    def _header(self, generation: int, listed: dict[str, Any]) -> dict[str, Any]:
-        counts = Counter(it.modality.label for it in self._items)
+                self._catch_up()
+            except BaseException:
+                self._mem = previous
+                raise
+            fresh, self._mem = self._mem, previous
+            if previous.vindex.use_gpu:
+                fresh.vindex.enable_gpu()
+            with self._lock.write():
+                self._mem = fresh
+        self.save()
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "generation": generation,
-            "dim": self.dim,
-            "metric": "inner_product",
-            "similarity": self.similarity,
+            "index": str(self.path),
             "index_type": self.index_type,
-            "index_params": self._vindex.params.to_dict(),
-            "model_fingerprint": self.fingerprint,
-            "model_config": self.model_config,
-            "count": len(self._items),
-            "counts": {m.label: counts.get(m.label, 0) for m in Modality},
-            "next_id": self._next_id,
-            "created": self._created,
-            "updated": self._updated,
-            "files": listed,
+            "count": len(self),
+            "index_params": self._mem.vindex.params.to_dict(),
+            "seconds": round(time.perf_counter() - started, 3),
         }
 
-    def _remove_unlisted(self, header: dict[str, Any]) -> None:
-        """Delete data files of older generations and temp files of interrupted writes."""
-        listed = header["files"]
-        keep = {listed["index"]["name"], listed["items"]["name"]}
-        keep |= {e["name"] for e in listed["thumbnails"]}
-        keep |= {listed["vectors"]["name"]} if "vectors" in listed else set()
-        with self._fd_lock:
-            for name in [n for n in self._fds if n not in keep]:
-                os.close(self._fds.pop(name))
-        for entry in self.path.iterdir():
-            stale_tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
-            if (
-                (stale_tmp or _DATA_FILE.match(entry.name))
-                and entry.name not in keep
-                and entry.is_file()
-            ):
-                files.remove_quietly(entry)
-        files.fsync_dir(self.path)
+    # ---- snapshots and background work --------------------------------------------------
+
+    def save(self) -> None:
+        """Write the FAISS snapshot now (changes themselves are already committed by add/remove).
+
+        Kept under its old name so callers that "add, then save" stay correct; with a pending
+        overwrite (see :meth:`create`) it commits the (empty) replacement first.
+
+        Raises:
+            OSError: the snapshot could not be written; the gallery itself is unaffected.
+        """
+        if self._pending_reset or self._pending_init:
+            with self._mutex:
+                with self._writing("create the gallery"):
+                    self._reset_if_pending()
+                self._after_commit(("reset", [], [], None))
+        self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        """Serialise the index (under the read lock: writers wait, searches do not) and write it.
+
+        See :func:`write_snapshot` for the file format.
+        """
+        with self._lock.read():
+            memory = self._mem
+            seq = memory.seq
+            if seq == self._snapshot_seq and (self.path / SNAPSHOT).exists():
+                return
+            buffer = _HashingBuffer()
+            memory.vindex.write_to(buffer)
+            count, params = memory.vindex.ntotal, memory.vindex.params
+        write_snapshot(self.path, buffer, seq=seq, count=count, params=params, owner=self)
+        self._snapshot_seq = seq
+        self._snapshot_at = time.monotonic()
+
+    def start_background(
+        self, *, poll_s: float = 0.5, snapshot_every: int = 1000, snapshot_after_s: float = 300.0
+    ) -> None:
+        """Start the daemon thread that applies other processes' commits and writes snapshots.
+
+        A snapshot is written when ``snapshot_every`` changes are not covered by one, or when
+        any change is older than ``snapshot_after_s`` seconds and not covered.
+        """
+        if self._worker is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(poll_s):
+                try:
+                    self.refresh()
+                    behind = self._mem.seq - max(self._snapshot_seq, 0)
+                    stale = time.monotonic() - self._snapshot_at >= snapshot_after_s
+                    if behind >= snapshot_every or (behind > 0 and stale):
+                        self._write_snapshot()
+                except Exception:  # noqa: BLE001 - a background task must keep running
+                    log.exception("%s: background refresh/snapshot failed", self.path)
+
+        self._worker = threading.Thread(target=loop, name="gallery-background", daemon=True)
+        self._worker.start()
+
+    def close(self) -> None:
+        """Stop the background thread and close the database connections."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None
+        with self._mutex:
+            self._closed = True
+            with self._read_lock:
+                if self._read_conn is not None:
+                    self._read_conn.close()
+                    self._read_conn = None
+            if self._conn is not None:
+                self._conn.close()
 
 
-def _entry(folder: Path, name: str) -> dict[str, Any]:
-    file = folder / name
-    return {"name": name, "sha256": files.sha256_file(file), "bytes": file.stat().st_size}
+class _HashingBuffer:
+    """A write-only file object that keeps FAISS's output in blocks and hashes it on the way."""
+
+    def __init__(self) -> None:
+        self.blocks: list[bytes] = []
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        block = bytes(data)
+        self.blocks.append(block)
+        self.digest.update(block)
+        self.size += len(block)
+        return len(block)
 
 
-def _verify_file(folder: Path, entry: dict[str, Any]) -> None:
-    file = folder / entry["name"]
-    if not file.is_file():
-        raise FileNotFoundError(2, "missing", str(file))
-    found = files.sha256_file(file)
-    if found != entry["sha256"]:
-        raise IndexFormatError(
-            f"{file}: checksum mismatch (manifest sha256 {entry['sha256'][:12]}..., file "
-            f"{found[:12]}...): the file is corrupted or was changed; rebuild the index"
-        )
+def write_snapshot(
+    folder: Path,
+    payload: VectorIndex | _HashingBuffer,
+    *,
+    seq: int,
+    count: int,
+    params: IndexParams,
+    owner: GalleryIndex | Any,
+) -> None:
+    """Write ``folder/snapshot.faiss`` atomically, tagged with the change ``seq`` it covers.
+
+    File format: ``_SNAPSHOT_MAGIC`` + a JSON header padded to ``_SNAPSHOT_HEADER`` bytes (seq,
+    count, dim, type, model, sha256 and size of the payload), then the FAISS bytes. Written to a
+    temp file and renamed, so the previous snapshot stays until the new one is complete.
+    ``owner`` supplies ``dim``, ``index_type`` and ``fingerprint``.
+    """
+    if isinstance(payload, VectorIndex):
+        buffer = _HashingBuffer()
+        payload.write_to(buffer)
+    else:
+        buffer = payload
+    header = {
+        "format": "vvireid.snapshot",
+        "seq": int(seq),
+        "count": int(count),
+        "dim": int(owner.dim),
+        "index_type": owner.index_type,
+        "index_params": params.to_dict(),
+        "model_fingerprint": owner.fingerprint,
+        "bytes": buffer.size,
+        "sha256": buffer.digest.hexdigest(),
+    }
+
+    def fill(handle: BinaryIO) -> None:
+        handle.write(_encode_header(header))
+        for block in buffer.blocks:
+            handle.write(block)
+
+    files.write_stream_atomic(folder / SNAPSHOT, fill)
+    log.info("wrote snapshot %s (change %d, %d vectors)", folder / SNAPSHOT, seq, count)
 
 
-def _load_vectors(file: Path, count: int, dim: int) -> np.ndarray:
+def _encode_header(header: dict[str, Any]) -> bytes:
+    raw = _SNAPSHOT_MAGIC + json.dumps(header).encode()
+    if len(raw) > _SNAPSHOT_HEADER:
+        raise ValueError("snapshot header too large")
+    return raw + b" " * (_SNAPSHOT_HEADER - len(raw))
+
+
+def _read_snapshot(
+    file: Path, index: GalleryIndex, verify: bool
+) -> tuple[dict[str, Any], VectorIndex]:
+    """Parse and check a snapshot file; raises ValueError naming what is wrong."""
+    with open(file, "rb") as handle:
+        head = handle.read(_SNAPSHOT_HEADER)
+        if not head.startswith(_SNAPSHOT_MAGIC) or len(head) < _SNAPSHOT_HEADER:
+            raise ValueError("not a vvireid snapshot file")
+        try:
+            header = json.loads(head[len(_SNAPSHOT_MAGIC) :].decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"unreadable header ({exc})") from None
+        expect = {
+            "dim": index.dim,
+            "index_type": index.index_type,
+            "model_fingerprint": index.fingerprint,
+        }
+        for key, value in expect.items():
+            if header.get(key) != value:
+                raise ValueError(f"{key} is {header.get(key)!r}, the gallery has {value!r}")
+        size = file.stat().st_size - _SNAPSHOT_HEADER
+        if size != header.get("bytes"):
+            raise ValueError(f"{size} payload bytes, header says {header.get('bytes')}")
+        if verify:
+            digest = hashlib.sha256()
+            while block := handle.read(1 << 22):
+                digest.update(block)
+            if digest.hexdigest() != header.get("sha256"):
+                raise ValueError("checksum mismatch (the file is corrupted)")
+            handle.seek(_SNAPSHOT_HEADER)
+        params = IndexParams.from_dict(header.get("index_params") or {})
+        vindex = VectorIndex.read_from(index.index_type, index.dim, params, handle)
+    if vindex.ntotal != header.get("count"):
+        raise ValueError(f"holds {vindex.ntotal} vectors, header says {header.get('count')}")
+    return header, vindex
+
+
+def _net_changes(changes: list[tuple[str, np.ndarray]]) -> tuple[list[int], set[int]]:
+    """(ids added and still present, ids removed) over a run of changes (ids are never reused)."""
+    added: dict[int, None] = {}
+    removed: set[int] = set()
+    for op, ids in changes:
+        if op == "add":
+            added.update(dict.fromkeys(ids.tolist()))
+        elif op == "remove":
+            for internal in ids.tolist():
+                if internal in added:
+                    del added[internal]
+                else:
+                    removed.add(internal)
+    return list(added), removed
+
+
+def _add_stored(
+    conn: sqlite3.Connection, file: Path, vindex: VectorIndex, ids: list[int], dim: int
+) -> None:
+    """Add the stored vectors of ``ids`` to ``vindex``, reading them in batches."""
+    for start in range(0, len(ids), _READ_CHUNK):
+        part = ids[start : start + _READ_CHUNK]
+        found = db.fetch_vectors(conn, part, dim)
+        missing = [i for i in part if i not in found]
+        if missing:
+            raise IndexFormatError(f"{file}: tracklets {missing[:5]} have no stored vector")
+        vindex.add(np.asarray(part, dtype=np.int64), np.stack([found[i] for i in part]))
+
+
+def _has_schema(source: sqlite3.Connection | Path) -> bool:
+    """Whether a database (connection or existing file) holds the gallery tables."""
+    sql = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+    if isinstance(source, sqlite3.Connection):
+        return source.execute(sql).fetchone() is not None
+    conn = db.connect(source, readonly=True)
     try:
-        vectors = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise IndexFormatError(f"{file}: not a readable vector file ({exc})") from None
-    if vectors.shape != (count, dim) or vectors.dtype != np.float32:
-        raise IndexFormatError(
-            f"{file}: expected float32 [{count}, {dim}], "
-            f"found {vectors.dtype} {list(vectors.shape)}"
-        )
-    return vectors
-
-
-_REQUIRED = (
-    "format",
-    "format_version",
-    "generation",
-    "dim",
-    "similarity",
-    "index_type",
-    "model_fingerprint",
-    "files",
-)
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and validate ``manifest.json`` of an index folder."""
-    file = path / MANIFEST
-    if not path.is_dir():
-        raise IndexFormatError(f"{path}: no such index folder")
-    try:
-        header = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFormatError(
-            f"{file}: missing; {path} is not a vvireid index (or its build never finished)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexFormatError(f"{file}: not a readable index manifest ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise IndexFormatError(f"{file}: not a vvireid index manifest")
-    missing = [key for key in _REQUIRED if key not in header]
-    if missing:
-        raise IndexFormatError(f"{file}: missing field(s) {', '.join(missing)}")
-    if header["format_version"] != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{file}: index format version {header['format_version']} is not supported "
-            f"(this vvireid reads version {FORMAT_VERSION}); rebuild the index"
-        )
-    if header["index_type"] not in INDEX_TYPES or header["similarity"] not in SIMILARITIES:
-        raise IndexFormatError(f"{file}: unknown index_type or similarity")
-    listed = header["files"]
-    if not isinstance(listed, dict) or "index" not in listed or "items" not in listed:
-        raise IndexFormatError(f"{file}: files: must list 'index' and 'items'")
-    entries = [listed["index"], listed["items"], *listed.get("thumbnails", [])]
-    entries += [listed["vectors"]] if "vectors" in listed else []
-    for entry in entries:
-        if not (
-            isinstance(entry, dict) and isinstance(entry.get("name"), str) and "sha256" in entry
-        ):
-            raise IndexFormatError(f"{file}: files: malformed entry {entry!r}")
-        if "/" in entry["name"] or entry["name"].startswith("."):
-            raise IndexFormatError(f"{file}: files: {entry['name']!r} is not a plain file name")
-    return header
+        return conn.execute(sql).fetchone() is not None
+    except sqlite3.Error:
+        return True  # something is there: do not treat it as free space
+    finally:
+        conn.close()
 
 
 def _check_model(
-    path: Path, header: dict[str, Any], fingerprint: str | None, dim: int | None
+    path: Path, meta: dict[str, Any], fingerprint: str | None, dim: int | None
 ) -> None:
-    if fingerprint is not None and header["model_fingerprint"] != fingerprint:
-        method = (header.get("model_config") or {}).get("method", "?")
+    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
+        method = (meta.get("model_config") or {}).get("method", "?")
         raise IndexMismatchError(
-            f"{path}: built with model {header['model_fingerprint']} ({method}), but the "
+            f"{path}: built with model {meta['model_fingerprint']} ({method}), but the "
             f"checkpoint given has fingerprint {fingerprint}; features of different models are "
             f"not comparable - rebuild the index with this checkpoint or use the one it was "
             f"built with"
         )
-    if dim is not None and int(header["dim"]) != int(dim):
+    if dim is not None and int(meta["dim"]) != int(dim):
         raise IndexMismatchError(
-            f"{path}: holds {header['dim']}-d vectors, the model produces {dim}-d"
+            f"{path}: holds {meta['dim']}-d vectors, the model produces {dim}-d"
         )

@@ -251,10 +251,10 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
     )
     assert code == 2 and "built with model" in err
 
-    (items,) = out.glob("items.*.jsonl")
-    items.write_text(items.read_text().replace('"t2"', '"t2-edited"'))
+    database = out / "gallery.sqlite3"
+    database.write_bytes(b"not sqlite at all" + database.read_bytes()[17:])
     code, _, err = run(capsys, "info", out)
-    assert code == 2 and items.name in err and "checksum" in err
+    assert code == 2 and database.name in err and "not a readable" in err
 
     code, _, err = run(
         capsys,

@@ -1,23 +1,24 @@
-"""GalleryIndex on random vectors: exact search, filters, add/remove, persistence, atomicity."""
+"""GalleryIndex on random vectors: exact search, filters, add/remove, persistence, snapshots.
+
+Crash, multi-process and format-1 conversion tests are in ``test_live_gallery.py``.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import logging
 import threading
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 from vvireid.indexer.store import (
-    MANIFEST,
+    DB_NAME,
+    SNAPSHOT,
     GalleryIndex,
     GalleryItem,
-    IndexConflictError,
     IndexFormatError,
     IndexMismatchError,
+    TrackletExistsError,
 )
 from vvireid.model.types import Modality
 
@@ -192,7 +193,7 @@ def test_add_remove_round_trip_persists(tmp_path):
     path = tmp_path / "idx"
     index = new_index(path)
     index.add(items, gallery, [f"jpeg-{i}".encode() for i in range(40)])
-    index.save()
+    index.close()
 
     index = GalleryIndex.open(path, expected_fingerprint="fp-a")
     assert index.remove(["g3", "g5", "g3"]) == 2
@@ -203,16 +204,18 @@ def test_add_remove_round_trip_persists(tmp_path):
     with pytest.raises(KeyError, match="g3"):
         index.remove(["g4", "g3"])  # all or nothing
     assert "g4" in index
-    index.save()
+    index.close()  # no save(): every change is committed when the call returns
 
     index = GalleryIndex.open(path)
     assert len(index) == 38 and "g5" not in index
     assert index.thumbnail("g7") == b"jpeg-7"
     assert index.get("g7") == items[7]
     index.add([items[3]], gallery[3:4], [b"again"])  # re-adding a removed id works
-    with pytest.raises(ValueError, match="g4"):
+    with pytest.raises(TrackletExistsError, match="g4"):
         index.add([items[4]], gallery[4:5])
-    index.save()
+    with pytest.raises(TrackletExistsError, match="g90"):
+        index.add(items_for(1, start=90) * 2, gallery[:2])
+    index.close()
 
     index = GalleryIndex.open(path)
     assert len(index) == 39 and index.thumbnail("g3") == b"again"
@@ -222,199 +225,105 @@ def test_add_remove_round_trip_persists(tmp_path):
     assert stats["per_modality"]["infrared"]["by_camid"] == {"1": 9, "3": 10}  # g5 (camid 1) gone
     assert stats["per_modality"]["infrared"]["camera_names"] == {"1": "cam1", "3": "cam3"}
     assert stats["model_fingerprint"] == "fp-a" and stats["dim"] == DIM
-
-
-def test_thumbnails_survive_compaction(tmp_path):
-    path = tmp_path / "idx"
-    index = new_index(path)
-    big = [bytes([i]) * 400_000 for i in range(6)]
-    index.add(items_for(6), np.eye(6, DIM, dtype=np.float32) + 0.1, big)
-    index.save()
-    index.remove(["g0", "g1", "g2", "g3"])
-    index.save()
-    names = sorted(p.name for p in path.glob("thumbs.*"))
-    assert names == ["thumbs.000002.bin"]  # compacted: the first segment is gone
-    assert (path / names[0]).stat().st_size == 800_000
-    reopened = GalleryIndex.open(path)
-    assert reopened.thumbnail("g4") == big[4] and reopened.thumbnail("g5") == big[5]
+    assert stats["thumbnails"] == 39
 
 
 def test_mismatched_model_is_refused(tmp_path):
     index = new_index(tmp_path / "idx")
     index.add(items_for(4), np.ones((4, DIM), np.float32))
-    index.save()
     with pytest.raises(IndexMismatchError, match="fp-a.*fp-b"):
         GalleryIndex.open(tmp_path / "idx", expected_fingerprint="fp-b")
     with pytest.raises(IndexMismatchError, match="16-d"):
         GalleryIndex.open(tmp_path / "idx", expected_dim=32)
 
 
-@pytest.mark.parametrize("pattern", ["index.*.faiss", "items.*.jsonl", "thumbs.*.bin"])
-def test_corrupted_file_is_refused_by_name(tmp_path, pattern):
-    path = tmp_path / "idx"
-    index = new_index(path)
-    index.add(items_for(8), np.random.default_rng(0).standard_normal((8, DIM)), [b"x" * 50] * 8)
-    index.save()
-    (target,) = path.glob(pattern)
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
-    with pytest.raises(IndexFormatError, match=f"{target.name}.*checksum"):
-        GalleryIndex.open(path)
-
-
-def test_missing_or_bad_manifest_is_named(tmp_path):
-    with pytest.raises(IndexFormatError, match="manifest.json: missing"):
+def test_missing_or_corrupt_database_is_named(tmp_path):
+    with pytest.raises(IndexFormatError, match=f"{DB_NAME}: missing"):
         GalleryIndex.open(tmp_path)
-    (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(IndexFormatError, match="manifest.json: not a readable"):
+    (tmp_path / DB_NAME).write_bytes(b"garbage" * 1000)
+    with pytest.raises(IndexFormatError, match=f"{DB_NAME}: not a readable gallery database"):
         GalleryIndex.open(tmp_path)
 
 
-def _state(path: Path, queries: np.ndarray) -> tuple:
-    index = GalleryIndex.open(path, expected_fingerprint="fp-a")
-    hits = [[h.tracklet_id for h in row] for row in index.search(queries, 5)]
-    return sorted(index.tracklet_ids()), hits, {t: index.thumbnail(t) for t in index.tracklet_ids()}
+def _hits(index: GalleryIndex, queries: np.ndarray) -> list[list[str]]:
+    return [[h.tracklet_id for h in row] for row in index.search(queries, 5)]
 
 
-class InjectedFault(OSError):
-    pass
-
-
-def _inject(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> list[str]:
-    """Make the ``fail_at``-th call to any file-system step of a save raise."""
-    calls: list[str] = []
-
-    def wrap(owner, name):
-        real = getattr(owner, name)
-
-        def step(*args, **kwargs):
-            calls.append(name)
-            if len(calls) - 1 == fail_at:
-                raise InjectedFault(f"injected failure in {name}")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, step)
-
-    for owner, name in (
-        (os, "open"),
-        (os, "fsync"),
-        (os, "replace"),
-        (faiss, "write_index"),
-        (np, "save"),
-    ):
-        wrap(owner, name)
-    return calls
-
-
-@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
-def test_save_interrupted_at_any_step_keeps_previous_index(
-    tmp_path, monkeypatch, index_type, clustered
-):
-    """Fail the i-th file-system step of a save, for every i: the folder then holds the previous
-    index (when save raised) or the new one (when it returned), never anything else.
-
-    The ivfpq variant only adds the exact-vector file to the same protocol, so it interrupts the
-    steps around that file's write (a full sweep over a 10k index would take a minute).
-    """
-    path, pristine = tmp_path / "idx", tmp_path / "pristine"
-    if index_type == "flat":
-        n = 30
-        gallery = np.random.default_rng(5).standard_normal((n + 10, DIM)).astype(np.float32)
-        items = items_for(n + 10)
-        index = new_index(path, index_type=index_type)
-        index.add(items[:n], gallery[:n], [b"a%d" % i for i in range(n)])
-        index.save()
-        shutil.copytree(path, pristine)
-    else:
-        shutil.copytree(clustered[0], pristine)
-        n = 10000
-        gallery = np.concatenate(
-            [clustered[1], np.random.default_rng(5).standard_normal((10, DIM))]
-        )
-        gallery = gallery.astype(np.float32)
-        items = items_for(n + 10)
-        shutil.copytree(pristine, path)
-    queries = gallery[:4]
-    before = _state(path, queries)
-
-    def change_and_save(fail_at: int) -> tuple[bool, list[str]]:
-        shutil.rmtree(path)
-        shutil.copytree(pristine, path)
-        index = GalleryIndex.open(path)
-        index.remove(["g1", "g2"])
-        index.add(items[n:], gallery[n:], [b"b%d" % i for i in range(10)])
-        calls = _inject(monkeypatch, fail_at)
-        try:
-            index.save()
-            return True, calls
-        except InjectedFault:
-            return False, calls
-        finally:
-            monkeypatch.undo()
-
-    _, steps = change_and_save(-1)
-    after_success = _state(path, queries)
-    assert after_success != before and len(after_success[0]) == n + 8
-    failed = 0
-    window = range(len(steps))
-    if index_type == "ivfpq":
-        at = steps.index("save")
-        window = range(at - 1, min(len(steps), at + 5))  # temp file, write, fsync, rename, dir
-    for fail_at in window:
-        ok, calls = change_and_save(fail_at)
-        expected = after_success if ok else before
-        assert _state(path, queries) == expected, f"save failing at step {fail_at} ({calls[-1]})"
-        assert [p.name for p in path.iterdir() if p.name.endswith(".tmp")] == []
-        failed += not ok
-    assert failed >= (8 if index_type == "flat" else 4), steps
-
-
-def test_files_of_a_killed_save_are_ignored_then_removed(tmp_path):
+@pytest.mark.parametrize("damage", ["none", "missing", "corrupt", "stale"])
+def test_snapshot_plus_replay_equals_a_rebuild(tmp_path, caplog, damage):
+    """Open = snapshot + replay of newer changes; a missing or corrupt snapshot is logged and the
+    index rebuilt from the database. Every way gives the same searches."""
+    rng = np.random.default_rng(11)
+    gallery = rng.standard_normal((60, DIM)).astype(np.float32)
+    items = items_for(60)
     path = tmp_path / "idx"
     index = new_index(path)
-    index.add(items_for(5), np.ones((5, DIM), np.float32))
-    index.save()
-    for junk in ("index.000002.faiss", "items.000002.jsonl", ".manifest.json.abc.tmp"):
-        (path / junk).write_bytes(b"half-written")
+    index.add(items[:40], gallery[:40])
+    index.save()  # snapshot at this point
+    index.remove(["g1", "g2"])
+    index.add(items[40:], gallery[40:])  # after the snapshot: replayed at open
+    expected = _hits(index, gallery[:6])
+    index.close()
+    snapshot = path / SNAPSHOT
+    if damage == "missing":
+        snapshot.unlink()
+    elif damage == "corrupt":
+        data = bytearray(snapshot.read_bytes())
+        data[len(data) - 100] ^= 0xFF
+        snapshot.write_bytes(bytes(data))
+    elif damage == "stale":  # a snapshot of another gallery
+        other = new_index(tmp_path / "other", index_type="flat")
+        other.add(items[:3], gallery[:3])
+        other.save()
+        (tmp_path / "other" / SNAPSHOT).replace(snapshot)
+    with caplog.at_level(logging.INFO, logger="vvireid.indexer.store"):
+        reopened = GalleryIndex.open(path)
+    assert len(reopened) == 58 and reopened._mem.vindex.ntotal == 58
+    assert _hits(reopened, gallery[:6]) == expected
+    rebuilt = "rebuilding the index from the database" in caplog.text
+    assert rebuilt == (damage != "none"), caplog.text
+
+
+def test_ivfpq_reranks_with_stored_vectors(tmp_path, clustered):
+    """The exact re-ranking reads the vectors from the database: its scores are exact."""
+    path, gallery, items, queries = clustered
     index = GalleryIndex.open(path)
-    assert len(index) == 5
-    index.remove(["g0"])
-    index.save()
-    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".lock")) == [
-        "index.000002.faiss",
-        "items.000002.jsonl",
-        MANIFEST,
-    ]
-    assert len(GalleryIndex.open(path)) == 4
+    normed = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    for row, query in zip(index.search(queries, 5), q, strict=True):
+        for hit in row:
+            position = int(hit.tracklet_id[1:])
+            assert hit.score == pytest.approx(float(normed[position] @ query), abs=1e-5)
 
 
-def test_second_writer_is_refused(tmp_path):
-    path = tmp_path / "idx"
-    index = new_index(path)
-    index.add(items_for(5), np.ones((5, DIM), np.float32))
-    index.save()
-    first, second = GalleryIndex.open(path), GalleryIndex.open(path)
-    first.remove(["g0"])
-    first.save()
-    second.remove(["g1"])
-    with pytest.raises(IndexConflictError, match="reopen"):
-        second.save()
-    assert sorted(GalleryIndex.open(path).tracklet_ids()) == ["g1", "g2", "g3", "g4"]
-
-
-def test_create_refuses_existing_index_unless_overwrite(tmp_path):
+def test_create_overwrite_keeps_the_old_gallery_until_the_first_commit(tmp_path):
     path = tmp_path / "idx"
     index = new_index(path)
     index.add(items_for(3), np.ones((3, DIM), np.float32))
-    index.save()
     with pytest.raises(FileExistsError):
         new_index(path)
     replacement = new_index(path, overwrite=True)
-    assert len(GalleryIndex.open(path)) == 3  # untouched until the new one is saved
+    assert len(GalleryIndex.open(path)) == 3  # untouched until the new one commits
     replacement.add(items_for(2, start=10), np.ones((2, DIM), np.float32))
-    replacement.save()
     assert sorted(GalleryIndex.open(path).tracklet_ids()) == ["g10", "g11"]
+    index.refresh()  # the first handle follows the replacement too
+    assert sorted(index.tracklet_ids()) == ["g10", "g11"]
+
+
+def test_retrain_swaps_a_new_ivf_index(tmp_path):
+    rng = np.random.default_rng(12)
+    gallery = rng.standard_normal((800, DIM)).astype(np.float32)
+    items = items_for(800)
+    index = new_index(tmp_path / "idx", index_type="ivf")
+    index.add(items[:700], gallery[:700])
+    index.add(items[700:], gallery[700:])
+    index.nprobe = 10_000
+    before = _hits(index, gallery[:4])
+    summary = index.retrain()
+    assert summary["count"] == 800 and summary["index_params"]["nlist"] >= 16
+    index.nprobe = 10_000
+    assert _hits(index, gallery[:4]) == before  # all clusters probed: exact either way
+    assert len(GalleryIndex.open(tmp_path / "idx")) == 800
 
 
 def test_concurrent_searches_with_writes(tmp_path):
@@ -446,25 +355,6 @@ def test_concurrent_searches_with_writes(tmp_path):
         thread.join()
     assert errors == []
     assert len(index) == 390
-
-
-def test_manifest_records_checksums_and_model(tmp_path):
-    path = tmp_path / "idx"
-    index = new_index(path)
-    index.add(items_for(6), np.ones((6, DIM), np.float32), [b"t"] * 6)
-    index.save()
-    header = json.loads((path / MANIFEST).read_text())
-    assert header["format_version"] == 1 and header["metric"] == "inner_product"
-    assert header["counts"] == {"visible": 3, "infrared": 3}
-    assert header["model_config"] == {"method": "baseline"}
-    for entry in [
-        header["files"]["index"],
-        header["files"]["items"],
-        *header["files"]["thumbnails"],
-    ]:
-        assert (path / entry["name"]).stat().st_size == entry["bytes"] and len(
-            entry["sha256"]
-        ) == 64
 
 
 @pytest.mark.gpu
@@ -502,7 +392,7 @@ def test_gpu_overfetch_logic_on_a_cpu_stand_in(tmp_path, monkeypatch, index_type
         key: [[h.tracklet_id for h in r] for r in index.search(queries, 30, **kw)]
         for key, kw in {"all": {}, "vis": {"modality": "visible"}, "cam7": {"camids": [7]}}.items()
     }
-    vindex = index._vindex
+    vindex = index._mem.vindex
     monkeypatch.setattr(vindex, "_gpu_index", lambda: vindex.index)
     vindex.use_gpu = True
     for key, kw in {"all": {}, "vis": {"modality": "visible"}, "cam7": {"camids": [7]}}.items():
