@@ -53,6 +53,16 @@ class ReIDModel(nn.Module):
     def seq_len(self) -> int:
         return self.config.seq_len
 
+    @property
+    def feature_variants(self) -> dict[str, tuple[slice, ...]]:
+        """Named parts of the retrieval feature that the method's official evaluator also scores.
+
+        Only test-set model selection reads them (X-ReID keeps the epoch whose best variant per
+        metric sums highest); each variant is the concatenation of its slices, compared with the
+        model's similarity. The first entry is the retrieval feature itself.
+        """
+        return {"feature": (slice(None),)}
+
     def check_clips(self, clips: torch.Tensor) -> None:
         """Validate a batch of clips at the public boundary.
 

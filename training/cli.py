@@ -57,8 +57,10 @@ def _add_fit(commands: Any) -> None:
     fit.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last completed epoch")
     fit.add_argument("--select-best-on-test", action="store_true",
-                     help="keep the epoch with the best test ir_to_vis R1, as the official codes "
-                     "do (test-set model selection; named in the report). Default: final epoch")
+                     help="keep the epoch the method's official code keeps (VLD: best test "
+                     "ir_to_vis R1; X-ReID: best R1+mAP of both directions over its 4 feature "
+                     "variants): test-set model selection, named in the report. Default: final "
+                     "epoch")
     fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     fit.set_defaults(func=run_fit)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,17 @@ _GREEN, _RED, _GREY = (0, 170, 0), (220, 0, 0), (128, 128, 128)
 
 @dataclass
 class DirectionResult:
-    """One direction's metrics plus what a rank list needs (distances and the tracklets)."""
+    """One direction's metrics plus what a rank list needs (distances and the tracklets).
+
+    ``variants`` holds the metrics of the model's other ``feature_variants`` when asked for
+    (test-set model selection by X-ReID's rule); the main feature's are ``result``.
+    """
 
     result: EvalResult
     distmat: np.ndarray
     query: Sequence[Tracklet]
     gallery: Sequence[Tracklet]
+    variants: dict[str, EvalResult] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,10 +111,12 @@ def evaluate_model(
     max_rank: int = 20,
     on_bad_frame: str = "fail",
     dist: DistInfo | None = None,
+    variants: bool = False,
 ) -> dict[str, DirectionResult] | None:
     """Both cross-modal directions of ``splits`` under the dataset's protocol (None off rank 0).
 
-    Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets).
+    Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets). With
+    ``variants`` the model's other ``feature_variants`` are scored too, from the same features.
     """
     rule = "dense" if dense else (test_sampling or splits.test_sampling)
     preprocess = PreprocessConfig(**{**model.preprocess.to_dict(), "test_sampling": rule})
@@ -135,12 +142,40 @@ def evaluate_model(
                           [t.camid for t in query], [t.camid for t in gallery],
                           filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
         results[direction] = DirectionResult(result, dist_qg, query, gallery)
+        if variants:
+            results[direction].variants = _variant_results(model, splits, q, g, query, gallery,
+                                                           max_rank)
     return results
 
 
+def _variant_results(model: ReIDModel, splits: DatasetSplits, q: np.ndarray, g: np.ndarray,
+                     query: Sequence[Tracklet], gallery: Sequence[Tracklet],
+                     max_rank: int) -> dict[str, EvalResult]:
+    """Metrics of each feature variant but the first (the feature itself, already scored).
+
+    A cosine model's slices are re-normalised by ``distance_matrix``, which equals normalising
+    the slice of the un-normalised feature, as the official evaluator does per output.
+    """
+    out = {}
+    for name, parts in list(model.feature_variants.items())[1:]:
+        dist_qg = distance_matrix(np.concatenate([q[:, p] for p in parts], axis=1),
+                                  np.concatenate([g[:, p] for p in parts], axis=1),
+                                  model.similarity)
+        out[name] = evaluate(dist_qg, [t.pid for t in query], [t.pid for t in gallery],
+                             [t.camid for t in query], [t.camid for t in gallery],
+                             filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
+    return out
+
+
 def flat_metrics(results: dict[str, DirectionResult]) -> dict[str, float]:
-    """``{"ir_to_vis/R1": 0.53, ...}`` for logs and checkpoint metadata (fractions)."""
-    return {f"{name}/{k}": v for name, d in results.items() for k, v in d.result.to_dict().items()}
+    """``{"ir_to_vis/R1": 0.53, ...}`` for logs and checkpoint metadata (fractions); feature
+    variants, when scored, add ``{"ir_to_vis/f/R1": ..., "ir_to_vis/f/mAP": ...}``."""
+    flat = {f"{name}/{k}": v for name, d in results.items() for k, v in d.result.to_dict().items()}
+    for name, d in results.items():
+        for variant, result in d.variants.items():
+            values = result.to_dict()
+            flat.update({f"{name}/{variant}/{k}": values[k] for k in ("R1", "mAP")})
+    return flat
 
 
 

@@ -92,7 +92,39 @@ CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 STATE_FORMAT = "vvireid.train_state"
 STATE_VERSION = 1
-SELECTION_METRIC = ("ir_to_vis", "R1")
+
+
+def _best_ir_to_vis_r1(metrics: dict[str, float]) -> float | None:
+    return metrics.get("ir_to_vis/R1")
+
+
+def _xreid_variant_sum(metrics: dict[str, float]) -> float | None:
+    """Sum over both directions of (best variant R1) + (best variant mAP)."""
+    total = 0.0
+    for direction in ("ir_to_vis", "vis_to_ir"):
+        for metric in ("R1", "mAP"):
+            values = [v for k, v in metrics.items()
+                      if k.startswith(f"{direction}/") and k.endswith(f"/{metric}")]
+            if not values:
+                return None
+            total += max(values)
+    return total
+
+
+# --select-best-on-test: each method's official rule (name, score of an evaluation, note).
+# VLD and its baseline: best_model.pth is overwritten when the test ir_to_vis R1 is >= the best so
+# far (ties keep the later epoch). X-ReID: the epoch maximising R1 + mAP of both directions, each
+# the maximum over its four test outputs; its tie rule is not known, ties keep the later epoch.
+SELECTION_RULES: dict[str, tuple[str, Any, str]] = {
+    "vld": ("ir_to_vis_R1", _best_ir_to_vis_r1,
+            "the epoch with the best test ir_to_vis R1 (official VLD rule)"),
+    "xreid": ("sum_R1_mAP_best_variant", _xreid_variant_sum,
+              "the epoch maximising R1 + mAP summed over both directions, each the best of the "
+              "4 feature variants (official X-ReID rule); the official code would report those "
+              "per-metric maxima, which can mix features that no single model delivers, while "
+              "this report gives the fixed retrieval feature of that epoch"),
+}
+SELECTION_RULES["baseline"] = SELECTION_RULES["vld"]
 
 
 class TrainingError(RuntimeError):
@@ -291,8 +323,9 @@ class Trainer:
         pretrained: CLIP weights (file or open_clip tag); overrides ``config.model.pretrained``.
         device: ``auto``, ``cpu`` or ``cuda``.
         resume: continue from ``RUN/checkpoints/last.pt``.
-        select_best_on_test: keep the epoch with the best test ir_to_vis R1 (official practice,
-            optimistic: the test set chooses the model); default is the final epoch.
+        select_best_on_test: keep the epoch the method's official code keeps
+            (``SELECTION_RULES``; optimistic: the test set chooses the model); default is the
+            final epoch.
         dist: process-group info (default: initialised from the environment).
     """
 
@@ -613,6 +646,7 @@ class Trainer:
             dense=cfg.eval.dense, batch_size=cfg.eval.batch_size,
             num_workers=cfg.data.num_workers, max_rank=cfg.eval.max_rank,
             on_bad_frame=cfg.data.on_bad_frame, dist=self.dist,
+            variants=self.select_best and len(self.model.feature_variants) > 1,
         )
         metrics = flat_metrics(results) if results is not None else {}
         metrics = broadcast_object(self.dist, metrics)
@@ -623,9 +657,9 @@ class Trainer:
         self.metrics.log("eval", self.global_step, metrics, epoch=epoch)
         log.info("eval after epoch %d: %s", epoch + 1,
                  ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k.endswith(("R1", "mAP"))))
-        key = "/".join(SELECTION_METRIC)
-        if self.select_best and key in metrics and (self.best is None or metrics[key] >= self.best["score"]):
-            self.best = {"epoch": epoch + 1, "score": metrics[key], "metrics": metrics}
+        score = self._selection_rule[1](metrics) if self.select_best else None
+        if score is not None and (self.best is None or score >= self.best["score"]):
+            self.best = {"epoch": epoch + 1, "score": score, "metrics": metrics}
             if self.dist.is_main:
                 path = self.run_dir / BEST_FILE
                 _guard_disk("best checkpoint", path, "the resume checkpoint is intact",
@@ -662,6 +696,11 @@ class Trainer:
         self._set_status("finished")
         return report
 
+    @property
+    def _selection_rule(self) -> tuple[str, Any, str]:
+        """The method's official best-epoch rule (VLD's for a method without one of its own)."""
+        return SELECTION_RULES.get(self.config.model.method, SELECTION_RULES["vld"])
+
     def _load_best(self, path: Path) -> None:
         """Load the best epoch's weights on rank 0 and share them with the other ranks."""
         if self.dist.is_main:
@@ -678,10 +717,10 @@ class Trainer:
         selection = {"rule": "final", "epoch": epochs,
                      "note": "the final epoch's model; no test-set model selection"}
         if self.select_best and self.best is not None:
-            selection = {"rule": "best_on_test", "epoch": self.best["epoch"],
-                         "metric": "/".join(SELECTION_METRIC),
-                         "note": "--select-best-on-test: the epoch with the best test ir_to_vis R1 "
-                                 "was kept, as the official codes do; this is model selection on "
+            name, _, rule_note = self._selection_rule
+            selection = {"rule": "best_on_test", "epoch": self.best["epoch"], "metric": name,
+                         "score": self.best["score"],
+                         "note": f"--select-best-on-test: {rule_note}; this is model selection on "
                                  "the test set and overstates what unseen data would give"}
             best_path = self.run_dir / BEST_FILE
             if self.best["epoch"] != self.last_eval_epoch + 1:

@@ -183,6 +183,16 @@ class XReID(ReIDModel):
     def embed_dim(self) -> int:
         return self.memory_dim + (self.backbone.width if self.has_mii else 0)
 
+    @property
+    def feature_variants(self) -> dict[str, tuple[slice, ...]]:
+        """The official test outputs: ``[BN f̄; BN p̄; BN ō]``, ``BN f̄``, ``[BN f̄; BN ō]``, ``BN ō``."""
+        width, memory = self.backbone.width, self.memory_dim
+        variants = {"f_p_o": (slice(0, self.embed_dim),), "f": (slice(0, width),)}
+        if self.has_mii:
+            variants["f_o"] = (slice(0, width), slice(memory, memory + width))
+            variants["o"] = (slice(memory, memory + width),)
+        return variants
+
     # ---- shared pieces ------------------------------------------------------------------------
     def _camera_bias(
         self, camids: torch.Tensor | None, batch: int, frames: int

@@ -204,6 +204,29 @@ def test_select_best_on_test_is_explicit_and_named(vcm, tmp_path):
     assert default["selection"]["rule"] == "final" and not (tmp_path / "default" / "best.safetensors").exists()
 
 
+def test_select_best_on_test_follows_x_reid_official_rule(vcm, tmp_path):
+    """X-ReID keeps the epoch maximising R1 + mAP of both directions, each the best of its four
+    feature variants; the report gives that epoch's fixed feature and names the rule."""
+    run = tmp_path / "xreid"
+    report = _fit(vcm, run, [*SHORT, "model.method=xreid", "optim.epochs=3"],
+                  select_best_on_test=True)
+    selection = report["selection"]
+    assert selection["metric"] == "sum_R1_mAP_best_variant" and "4 feature variants" in selection["note"]
+    history = report["history"]
+    variants = ("f", "f_o", "o")
+    assert all(f"{d}/{v}/{m}" in h for h in history for d in ("ir_to_vis", "vis_to_ir")
+               for v in variants for m in ("R1", "mAP"))
+
+    def official(h):
+        return sum(max([h[f"{d}/{m}"]] + [h[f"{d}/{v}/{m}"] for v in variants])
+                   for d in ("ir_to_vis", "vis_to_ir") for m in ("R1", "mAP"))
+
+    scores = [official(h) for h in history]
+    best = max(range(len(scores)), key=lambda i: (scores[i], i)) + 1  # ties: the later epoch
+    assert selection["epoch"] == best and selection["score"] == pytest.approx(scores[best - 1])
+    assert report["directions"]["ir_to_vis"]["R1"] == round(100 * history[best - 1]["ir_to_vis/R1"], 2)
+
+
 def test_bupt_aligned_pairs_train_and_evaluate_without_camera_filter(synth_dataset, tmp_path):
     root = synth_dataset("bupt-small", fmt="bupt", ids=8, cameras=2, seed=4,
                           frames=(8, 10), image_size=(64, 32))
