@@ -8,9 +8,10 @@ text tower in ``model/text.py``), pinned to ``open_clip_torch==3.3.*`` and guard
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
@@ -131,6 +132,38 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers)
 
 
+_OPEN_CLIP_DIR = str(Path(open_clip.__file__).resolve().parent)
+
+
+def _is_open_clip_factory_noise(record: logging.LogRecord) -> bool:
+    """open_clip's INFO chatter and its "Model initialized randomly" warning (root logger)."""
+    if not record.pathname.startswith(_OPEN_CLIP_DIR):
+        return False
+    return record.levelno < logging.WARNING or "initialized randomly" in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_factory() -> Iterator[None]:
+    """Silence what open_clip logs while building the architecture with ``pretrained=None``.
+
+    Why: a backbone is always built empty and filled right after (CLIP weights through
+    ``load_weights``, a trained checkpoint through ``load_state_dict``, or random init that the
+    recipe asked for), so open_clip's "No pretrained weights loaded ... Model initialized
+    randomly" warning is wrong every time it would show, and it showed once per model built.
+    Errors and other warnings still pass.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _is_open_clip_factory_noise(record)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 class ClipBackbone(nn.Module):
     """CLIP ViT visual tower (and optionally the text tower) with a block-by-block forward.
 
@@ -148,9 +181,10 @@ class ClipBackbone(nn.Module):
         super().__init__()
         register_tiny_configs()
         self.name = name
-        clip = open_clip.create_model(
-            name, pretrained=None, force_image_size=tuple(image_size), force_quick_gelu=True
-        )
+        with _quiet_open_clip_factory():
+            clip = open_clip.create_model(
+                name, pretrained=None, force_image_size=tuple(image_size), force_quick_gelu=True
+            )
         self.visual = clip.visual
         if name in CONV_STEM_MODELS:
             patch = self.visual.conv1.kernel_size[0]

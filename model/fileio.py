@@ -56,9 +56,16 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, sync_dir: b
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     # os.open with 0o666 honours the umask (mkstemp would make the file owner-only, and a server
     # running as another user could not read the index).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    umask_mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
     try:
         write(tmp)
+        # Some writers replace the file with one of their own (safetensors' save_file makes it
+        # 0600): put back the umask's mode, read from the file created above (os.umask() would
+        # have to change the process-wide umask to read it).
+        if os.stat(tmp).st_mode & 0o777 != umask_mode:
+            os.chmod(tmp, umask_mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -103,7 +110,7 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
     import fcntl
 
     lock_path = Path(folder) / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

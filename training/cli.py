@@ -123,13 +123,27 @@ def _quiet_root_info(record: logging.LogRecord) -> bool:
     return record.name != "root" or record.levelno >= logging.WARNING
 
 
+def _is_stderr_handler(handler: logging.Handler) -> bool:
+    """Ours from an earlier call, or one the embedding program (the demo) installed first.
+
+    Why: a second stderr handler printed every log line twice (once per format).
+    """
+    if getattr(handler, "_vvireid", "") == "stderr":
+        return True
+    return type(handler) is logging.StreamHandler and handler.stream in (sys.stderr,
+                                                                          sys.__stderr__)
+
+
 def configure_logging(verbose: bool, run_dir: Path | None = None, rank: int = 0) -> None:
     """Log to stderr (warnings only on ranks > 0) and, on rank 0, to ``RUN/train.log``."""
     root = logging.getLogger()
     level = logging.DEBUG if verbose else logging.INFO
     root.setLevel(level)
+    # faiss's loader logs every instruction set it tries at INFO (a ModuleNotFoundError for
+    # swigfaiss_avx512 on most CPUs); only its warnings matter.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    if not any(getattr(h, "_vvireid", "") == "stderr" for h in root.handlers):
+    if not any(_is_stderr_handler(h) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(level if rank == 0 else logging.WARNING)
         handler.setFormatter(formatter)
