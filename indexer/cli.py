@@ -183,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(remove)
     remove.set_defaults(func=_cmd_remove)
 
+    retrain = sub.add_parser(
+        "retrain", help="retrain an IVF index on the stored vectors (searches go on meanwhile)"
+    )
+    retrain.add_argument("index_dir")
+    retrain.set_defaults(func=_cmd_retrain)
+
+    migrate = sub.add_parser(
+        "migrate", help="convert a format-1 index folder to the database format now"
+    )
+    migrate.add_argument("index_dir")
+    migrate.set_defaults(func=_cmd_migrate)
+
     search = sub.add_parser("search", help="query an index with a tracklet's frames")
     search.add_argument("index_dir")
     search.add_argument("--checkpoint", required=True)
@@ -371,6 +383,22 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         _emit(
             {"index": str(index.path), "removed": removed, "missing": missing, "count": len(index)}
         )
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from vvireid.indexer.store import GalleryIndex
+
+    with GalleryIndex.open(args.index_dir, device="cpu") as index:
+        _emit(index.retrain())
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    """Explicit conversion (``open`` also converts on first use; this runs it at a chosen time)."""
+    from vvireid.indexer.legacy import migrate
+
+    _emit(migrate(args.index_dir))
     return 0
 
 
