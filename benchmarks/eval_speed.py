@@ -21,7 +21,7 @@ from vvireid.training.evaluation import evaluate
 
 
 def reference_loop(distmat, q_pids, g_pids, q_camids, g_camids, filter_same_camera, max_rank=20):
-    """Per-query loop as in datasets_eval.md 4.2; returns (cmc, mAP)."""
+    """Per-query loop as in the official evaluators; returns (cmc, mAP)."""
     order = np.argsort(distmat, axis=1)
     curves, aps = [], []
     for i in range(distmat.shape[0]):

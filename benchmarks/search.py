@@ -13,7 +13,7 @@ What it measures, through the product classes (``GalleryIndex``, ``TrackletEncod
   (gallery modality) filter the server applies by default; median of ``--repeats`` runs;
 * build cost (train + add) per index type, and 10-recall@10 of ivf / ivfpq against the exact
   flat results (on clustered vectors: ``--views`` noisy views per identity, cos(view, centre)
-  about 0.86, like shared/reference/ecosystem.md 2.6 C; on uniformly random vectors IVF recall is
+  about 0.86, so each identity forms a cluster; on uniformly random vectors IVF recall is
   meaningless);
 * flat search with faiss 1.15's default ``distance_compute_blas_threshold`` (128000) against the
   value the index sets (20), for 16 and 64 queries;

@@ -2,7 +2,7 @@
 
 Every rule returns a list of clips, each a list of T frame indices in temporal order. Test rules
 are deterministic; train rules take a ``numpy.random.Generator``. The rules and their n < T cases
-follow ``shared/reference/datasets_eval.md`` section 3 and the official loaders:
+follow the official loaders (MITML, the BUPTCampus code, X-ReID; docs/fidelity.md D4, D10):
 
 * ``rrs_test`` (alias ``video_test``): MITML / VLD on HITSZ-VCM, X-ReID training-time eval. Pad the
   list with its last index to ``ceil(n/T)*T`` and take the first index of each of the T chunks.

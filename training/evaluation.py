@@ -1,7 +1,7 @@
 """Retrieval metrics (CMC, mAP, mINP) that reproduce the official VVI-ReID evaluators.
 
 The algorithm is the one shared by MITML's ``evaluate`` (HITSZ-VCM), the BUPTCampus ``evaluate``
-and their copies in VLD and X-ReID (spec: ``datasets_eval.md`` section 4.2):
+and their copies in VLD and X-ReID (docs/fidelity.md D5, D6):
 
 * every query row of the distance matrix is ranked with ``np.argsort`` (numpy's default, unstable
   kind, ascending: a smaller distance is more similar), so tied distances are ordered exactly as

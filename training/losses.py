@@ -83,7 +83,7 @@ def _masked_softmax(values: Tensor, mask: Tensor) -> Tensor:
     For the negative term (``values = -distance <= 0``) that maximum is therefore 0 and nothing is
     subtracted: the weights are ``exp(-d) / (sum exp(-d) + 1e-6)``. Once ``sum exp(-d)`` over the
     negatives falls near 1e-6 (closest negatives farther than about 14) the negative weights, and
-    with them the negative distance term, fade toward 0. This is the reference behaviour and is
+    with them the negative distance term, fade toward 0. This is the official code's behaviour and is
     kept on purpose, so that the loss values match VLD's.
     """
     row_max = (values * mask).max(dim=1, keepdim=True).values

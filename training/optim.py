@@ -3,13 +3,13 @@
 Both official codes hold the learning rate constant within an "epoch" (VLD: 200 iterations, X-ReID:
 300) and change it between epochs, so a schedule here is a pure function ``lr(epoch, group_lr)``.
 That makes resuming trivial (the epoch number is the whole scheduler state) and lets the unit
-tests compare the values against the tables in the reference specs.
+tests compare the values against per-epoch tables of the official schedules.
 
-* VLD (``vld_official.md`` section 6): timm ``CosineLRScheduler`` with ``t_initial=24``,
+* VLD (official code; docs/fidelity.md V15): timm ``CosineLRScheduler`` with ``t_initial=24``,
   ``warmup_t=3``, ``warmup_lr_init = lr_min = 0.01 * lr`` (one absolute value for every group, not
   scaled by the group's multiplier), ``warmup_prefix=False``: the cosine is not shifted by the
   warm-up, so the peak lr is never reached.
-* X-ReID (``xreid_official.md`` 5.2): ``WarmupMultiStepLR`` stepped after each epoch, linear
+* X-ReID (official code; docs/fidelity.md X19): ``WarmupMultiStepLR`` stepped after each epoch, linear
   warm-up factor 0.1 -> 1 over 10 epochs, x0.1 at epochs 30 and 50 (0-based epoch index).
 """
 

@@ -18,7 +18,7 @@ Layout::
 camids as the official code does: ``{LS3: 0, G25: 1, CQ1: 2, W4: 3, TSG1: 4, TSG2: 5}``; any other
 camera name is reported as an error (the camid space of trained checkpoints must not shift).
 
-Protocol (``shared/reference/datasets_eval.md`` section 2): ``ir_to_vis`` = IR lines of query.txt
+Protocol (the official BUPTCampus code; docs/fidelity.md D7-D11): ``ir_to_vis`` = IR lines of query.txt
 against RGB lines of gallery.txt, ``vis_to_ir`` = RGB queries against IR gallery; no camera filter;
 test pids are ``int(pid)``; train labels come from the *string* ids sorted lexicographically, as in
 the official code. Every tracklet is kept, including 1-frame ones (X-ReID drops those; the official

@@ -18,7 +18,7 @@ Layout (both are accepted, per identity folder, ``Train|Test/<pid4>`` tried firs
 positions into the name file (m == 1 is IR, anything else RGB); ``query_IDX.txt`` 1-based rows of
 ``track_test_info.txt``, of which only the **last line** counts (as in the official reader).
 
-Protocol (``shared/reference/datasets_eval.md`` section 1): query = the rows listed in
+Protocol (MITML's official evaluation; docs/fidelity.md D1-D5): query = the rows listed in
 ``query_IDX`` (IR), gallery = every other test row (RGB), both filtered to >= 12 frames *after* the
 split; ``vis_to_ir`` swaps the two sets. Gallery items with the query's pid and camid are removed at
 evaluation time (``filter_same_camera=True``). Test pids stay raw; camids are stored 0-based

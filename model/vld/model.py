@@ -1,5 +1,5 @@
 """VLD (Li et al., TIFS 2025): CLIP ViT + spatial-temporal prompting (STH + STA) + identity text
-prompts (IMLP), following the official code (see ``docs`` and the reference spec).
+prompts (IMLP), following the official code (differences: docs/fidelity.md V1-V19).
 
 Training and test features are temporal means over the T frames of a tracklet. The retrieval
 feature is ``cat(mean ln_post CLS, mean STA output)`` (1536-d for ViT-B/16), not normalised and

@@ -103,7 +103,7 @@ class XReID(ReIDModel):
       O_CII; CMCL pulls Ō toward a detached O_CII. CMCL therefore cannot reach CII's weights, so
       CII cannot zero its residual to make CMCL vanish.
     - "supervise": full gradient through CII in CMCL, plus identity + triplet losses on O_CII
-      (the reference's other suggestion; weaker: CMCL still pushes CII's residual toward 0).
+      (a second reading of the paper; weaker: CMCL still pushes CII's residual toward 0).
     - "none": the paper read literally, CII trained by CMCL only (collapses; for ablations).
     """
 
@@ -355,7 +355,7 @@ class XReID(ReIDModel):
         return self.head_clip.bn(torch.cat([cls.mean(dim=1), proj.mean(dim=1)], dim=1))
 
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Adam groups per the official rules, applied in order (xreid_official.md section 5.1).
+        """Adam groups per the official rules, applied in order (docs/fidelity.md X17).
 
         ``base_lr`` for everything; x2 for biases; x10 for identity classifiers; x10 for the MII
         modules (SII, LII, CII, their BN necks and classifiers). MII classifiers therefore get

@@ -1,4 +1,4 @@
-"""Frame-sampling rules of ``vvireid.model.sampling`` against the tables of datasets_eval.md section 3."""
+"""Frame-sampling rules of ``vvireid.model.sampling`` against the official loaders' index tables."""
 
 import math
 

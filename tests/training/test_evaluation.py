@@ -23,7 +23,7 @@ def reference_evaluate(
     filter_same_camera: bool,
     max_rank: int = 20,
 ) -> tuple[np.ndarray, float, float, int]:
-    """Straight transcription of the pseudo-code in datasets_eval.md 4.2 (one query at a time)."""
+    """Straight transcription of the official per-query loop (MITML ``evaluate``; one query at a time)."""
     num_q, num_g = distmat.shape
     max_rank = min(max_rank, num_g)
     order = np.argsort(distmat, axis=1)

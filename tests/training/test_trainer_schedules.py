@@ -1,4 +1,4 @@
-"""The recipes' optimisers and learning-rate schedules against the reference tables.
+"""The recipes' optimisers and learning-rate schedules against per-epoch tables of the official schedules.
 
 Each test goes recipe YAML -> the method's real parameter groups (tiny backbone) -> optimiser ->
 epoch schedule, so a wrong multiplier, optimiser, or schedule parameter in any layer fails here.
@@ -18,7 +18,7 @@ from vvireid.training.optim import (
 
 TINY = ["model.backbone=vvireid-tiny", "model.image_size=[64, 32]", "model.pretrained=null"]
 
-# shared/reference/vld_official.md section 6: epoch -> (base group, 25x group).
+# VLD's official schedule (docs/fidelity.md V15), worked out by hand: epoch -> (base, 25x group).
 VLD_TABLE = {
     0: (2.5e-7, 2.5e-7),
     1: (8.50e-6, 2.085e-4),
@@ -29,7 +29,7 @@ VLD_TABLE = {
     18: (3.87e-6, 9.17e-5),
     23: (3.56e-7, 2.92e-6),
 }
-# shared/reference/xreid_official.md 5.2: 1-based epoch -> lr of the base group (5e-6).
+# X-ReID's WarmupMultiStepLR (docs/fidelity.md X19): 1-based epoch -> lr of the base group (5e-6).
 XREID_TABLE = {1: 5e-7, 2: 9.5e-7, 5: 2.3e-6, 10: 4.55e-6, 11: 5e-6, 30: 5e-6, 31: 5e-7,
                50: 5e-7, 51: 5e-8, 60: 5e-8}
 

@@ -7,7 +7,7 @@ A transform maps the decoded PIL frames of one sampled clip to a normalised tens
 and ``transform.pair(rgb_frames, ir_frames, rng)`` handles one (visible, infrared) training item,
 applying a tracklet-level flip shared by both when configured (BUPTCampus aligned pairs). Every
 random decision is drawn from the given ``numpy.random.Generator``, so a seeded generator gives
-the same tensors (see ``shared/reference/vld_official.md`` section 6, ``xreid_official.md`` 5.6).
+the same tensors (official chains: docs/fidelity.md V19, X20, X21).
 
 * ``vld``: per frame resize, zero pad 10, random crop back, flip p=0.5, normalise (ImageNet),
   random erasing (p=0.5, area 0.02-0.4, aspect 0.3-3.33, constant fill (0.4914, 0.4822, 0.4465)

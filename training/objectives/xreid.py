@@ -1,6 +1,6 @@
 """X-ReID's training objective: ID, triplet, CPCL and CMCL terms, plus the CPC prototype memories.
 
-Term names and default weights follow the official code (xreid_official.md section 4), which
+Term names and default weights follow the official code (docs/fidelity.md X14), which
 differ from the paper's unit weights (Eq. 10):
 
 | term | loss | weight |
