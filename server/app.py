@@ -11,29 +11,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import fastapi_offline
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vvireid.server.errors import ApiError, install_error_handlers
+from vvireid.server.guard import (
+    Admission,
+    GuardMiddleware,
+    http_protocol,
+    security_headers,
+    send_error,
+)
+from vvireid.server.memory import configure_allocator
 from vvireid.server.metrics import ServerMetrics
-from vvireid.server.routes import STATIC_DIR, router
+from vvireid.server.routes import STATIC_DIR, api_key_problem, router
 from vvireid.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Swagger UI and ReDoc files, shipped by the fastapi-offline package (MIT; no CDN at run time).
+DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DESCRIPTION = """\
 Query a gallery of person tracklets with a tracklet seen by a visible (day) or infrared (night)
@@ -52,7 +64,8 @@ class BodyTooLargeError(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(
             413, "request_too_large",
-            f"request body above the limit of {limit} bytes; send fewer or smaller frames",
+            f"request body above the limit of {limit} bytes (max_request_bytes); send fewer or "
+            "smaller frames", part="body",
         )
 
 
@@ -91,17 +104,28 @@ class RequestContextMiddleware:
         async def tagged_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
+                state["response_started"] = True
                 status = message["status"]
-                headers = list(message.get("headers", []))
+                headers = [*message.get("headers", []), *security_headers(scope["path"])]
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
         try:
             if self._declared_length(scope) > self.max_body:
-                await self._reject_too_large(request_id, tagged_send)
+                await self._reject_too_large(scope, tagged_send)
             else:
                 await self.app(scope, counting_receive, tagged_send)
+        except Exception:
+            # The one place a 500 is logged: one traceback, under the request id.
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+            if status == 500 and not started_response(scope):
+                await send_error(
+                    scope, tagged_send, 500, "internal_error",
+                    "internal server error; the server log has the details under request id "
+                    f"{request_id}", None,
+                )
+            status = 500
         finally:
             self._record(scope, status, time.perf_counter() - started)
 
@@ -111,7 +135,7 @@ class RequestContextMiddleware:
         for name, value in scope.get("headers", []):
             if name == REQUEST_ID_HEADER.encode():
                 candidate = value.decode("latin-1")
-                if _CLIENT_REQUEST_ID.match(candidate):
+                if _CLIENT_REQUEST_ID.fullmatch(candidate):
                     return candidate
         return uuid.uuid4().hex
 
@@ -125,26 +149,9 @@ class RequestContextMiddleware:
                     return 0
         return 0
 
-    async def _reject_too_large(self, request_id: str, send: Send) -> None:
+    async def _reject_too_large(self, scope: Scope, send: Send) -> None:
         error = BodyTooLargeError(self.max_body)
-        body = json.dumps(
-            {
-                "error": {"code": error.code, "message": error.message, "part": None},
-                "request_id": request_id,
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, 413, error.code, error.message, "body")
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -159,27 +166,24 @@ class RequestContextMiddleware:
         )
 
 
+def started_response(scope: Scope) -> bool:
+    return bool(scope.get("state", {}).get("response_started"))
+
+
 def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
     """Background loader: put the engine on app.state, or record why it failed."""
     from vvireid.server.service import QueryEngine
 
     try:
-        if settings.checkpoint is None or settings.index is None:
+        if settings.checkpoint is None or (settings.index is None and settings.backend == "faiss"):
             raise ValueError(
                 "no model to serve: give --checkpoint and --index "
                 "(or VVIREID_CHECKPOINT and VVIREID_INDEX)"
             )
         engine = QueryEngine.load(
             settings.checkpoint,
-            settings.index,
-            device=settings.device,
-            max_frames=settings.max_frames,
-            max_image_pixels=settings.max_image_pixels,
-            max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-            request_timeout_s=settings.request_timeout_s,
-            thumbnail_height=settings.thumbnail_height,
+            settings.gallery_location(),
+            settings=settings,
             on_batch=lambda size, _s: app.state.metrics.batch_size.observe(size),
         )
     except Exception as exc:  # noqa: BLE001 - any failure must reach /readyz and the CLI
@@ -199,7 +203,7 @@ def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServerSettings = app.state.settings
-    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.thread_pool_size
     if settings.torch_threads:
         import torch
 
@@ -235,11 +239,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         SettingsError: the API key file cannot be read.
     """
     settings = settings or ServerSettings.from_env()
+    configure_allocator()
     app = FastAPI(
         title="vvireid query server",
         version="1.0",
         description=DESCRIPTION,
         lifespan=_lifespan,
+        docs_url=None,  # served from local files by routes.py (no CDN, no inline script)
+        redoc_url=None,
     )
     metrics = ServerMetrics()
     app.state.settings = settings
@@ -254,7 +261,57 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static-docs", StaticFiles(directory=DOCS_ASSETS), name="static-docs")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Added last = outermost: the request id exists before the guard can answer.
+    app.add_middleware(
+        GuardMiddleware,
+        admission=Admission(
+            settings.max_in_flight, settings.queue_size, settings.admission_timeout_s
+        ),
+        body_timeout_s=settings.body_timeout_s,
+        check_key=lambda key: api_key_problem(app.state.api_key, key),
+        on_reject=metrics.rejected.inc,
+    )
     app.add_middleware(
         RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics
     )
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the limits that depend on the settings filled in."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        settings: ServerSettings = app.state.settings
+        for form in schema.get("components", {}).get("schemas", {}).values():
+            properties = form.get("properties", {})
+            top_k = properties.get("top_k")
+            if top_k is not None:
+                for option in top_k.get("anyOf", [top_k]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.max_top_k
+            frames = properties.get("frames")
+            if frames is not None:
+                for option in frames.get("anyOf", [frames]):
+                    if option.get("type") == "array":
+                        option["maxItems"] = settings.max_frames
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def uvicorn_config(app: FastAPI, settings: ServerSettings, **options: Any) -> Any:
+    """The uvicorn configuration that goes with the app: slow-client timeouts, no access log
+    of its own (the middleware writes one line per request)."""
+    import uvicorn
+
+    values: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "access_log": False, "timeout_graceful_shutdown": 10,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "http": http_protocol(settings.header_timeout_s),
+    }
+    values.update(options)
+    return uvicorn.Config(app, **values)

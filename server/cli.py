@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from vvireid.server.settings import default_of, help_of
+
 log = logging.getLogger(__name__)
 
 
@@ -23,22 +25,32 @@ def build_parser() -> argparse.ArgumentParser:
         "VVIREID_CHECKPOINT, VVIREID_INDEX, VVIREID_API_KEY_FILE, VVIREID_MAX_BATCH.",
     )
     add = parser.add_argument
-    add("--checkpoint", type=Path, help="model checkpoint (.safetensors) [VVIREID_CHECKPOINT]")
-    add("--index", type=Path, help="gallery index folder [VVIREID_INDEX]")
-    add("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    add("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    add("--device", help="auto (default), cpu, cuda or cuda:N")
-    add("--api-key-file", type=Path, help="file whose first line is the key for gallery writes")
-    add("--max-frames", type=int, help="frames per request (default 64)")
-    add("--max-top-k", type=int, help="largest top_k (default 1000)")
-    add("--max-batch", type=int, help="tracklets per model call (default 16)")
-    add("--max-wait-ms", type=float, help="how long a batch waits to fill up (default 5)")
-    add("--queue-size", type=int, help="queued tracklets before answering 503 (default 64)")
+    add("--checkpoint", type=Path, help=help_of("checkpoint"))
+    add("--index", type=Path, help=help_of("index"))
+    add("--backend", choices=("faiss", "milvus"), help=help_of("backend"))
+    add("--milvus-uri", help=help_of("milvus_uri"))
+    add("--milvus-timeout-s", type=float, help=help_of("milvus_timeout_s"))
+    add("--host", help=help_of("host"))
+    add("--port", type=int, help=help_of("port"))
+    add("--device", help=help_of("device"))
+    add("--api-key-file", type=Path, help=help_of("api_key_file"))
+    add("--max-frames", type=int, help=help_of("max_frames"))
+    add("--max-top-k", type=int, help=help_of("max_top_k"))
+    add("--max-batch", type=int, help=help_of("max_batch"))
+    add("--max-wait-ms", type=float, help=help_of("max_wait_ms"))
+    add("--max-in-flight", type=int, help=help_of("max_in_flight"))
+    add("--queue-size", type=int, help=help_of("queue_size"))
+    add("--admission-timeout-s", type=float, help=help_of("admission_timeout_s"))
     add("--workers-threads", "--worker-threads", dest="worker_threads", type=int,
-        help="request threads that decode frames in parallel (default 32)")
-    add("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add("--max-request-mb", type=float, help="request body limit in MiB (default 64)")
-    add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+        help=help_of("worker_threads"))
+    add("--torch-threads", type=int, help=help_of("torch_threads"))
+    add("--max-request-mb", type=float,
+        help=f"request body limit in MiB; default "
+        f"{default_of('max_request_bytes') / 1024 / 1024:g} [VVIREID_MAX_REQUEST_BYTES, in bytes]")
+    add("--max-request-pixels", type=int, help=help_of("max_request_pixels"))
+    add("--body-timeout-s", type=float, help=help_of("body_timeout_s"))
+    add("--header-timeout-s", type=float, help=help_of("header_timeout_s"))
+    add("--log-level", choices=("debug", "info", "warning", "error"), help=help_of("log_level"))
     return parser
 
 
@@ -97,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_paths(settings) -> str | None:
     """Fail fast, before binding a port, on paths that cannot work."""
-    if settings.checkpoint is None or settings.index is None:
+    if settings.checkpoint is None or (settings.index is None and settings.backend == "faiss"):
         return "give --checkpoint and --index (or VVIREID_CHECKPOINT and VVIREID_INDEX)"
     if not settings.checkpoint.is_file():
         return f"checkpoint {settings.checkpoint}: no such file"
+    if settings.backend == "milvus":
+        return None  # a collection, checked (and its server reached) when the engine loads
     if not settings.index.is_dir():
         return f"index {settings.index}: no such folder (build one with vvireid-index build)"
     return None

@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vvireid.indexer.gallery import GalleryUnavailableError
 from vvireid.server.service import (
+    DecodeBudgetError,
     DuplicateTrackletError,
     FrameTooLargeError,
     GalleryConflictError,
@@ -32,12 +34,15 @@ from vvireid.server.service import (
 
 log = logging.getLogger(__name__)
 
+GALLERY_RETRY_AFTER_S = 5
+
 STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     InvalidFrameError: 422,
     NoFramesError: 422,
-    TooManyFramesError: 422,
+    TooManyFramesError: 413,
     InvalidFieldError: 422,
     FrameTooLargeError: 413,
+    DecodeBudgetError: 413,
     UnknownTrackletError: 404,
     DuplicateTrackletError: 409,
     GalleryConflictError: 409,
@@ -52,6 +57,7 @@ _CODE_BY_STATUS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
     422: "invalid_field",
@@ -109,6 +115,15 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return error_response(request, status, exc.code, exc.message, exc.part, headers)
 
 
+async def _gallery_unavailable(request: Request, exc: GalleryUnavailableError) -> JSONResponse:
+    """The gallery's storage (a Milvus server) is down: a retryable 503, not a 500 traceback."""
+    log.warning("gallery unavailable: %s", exc)
+    return error_response(
+        request, 503, "gallery_unavailable", str(exc), None,
+        {"Retry-After": str(GALLERY_RETRY_AFTER_S)},
+    )
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc, ApiError):
         return error_response(
@@ -138,24 +153,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(request, 422, "invalid_field", message, part)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    request_id = request_id_of(request)
-    log.error(
-        "request %s (%s %s) failed", request_id, request.method, request.url.path,
-        exc_info=(type(exc), exc, exc.__traceback__),
-    )
-    # This response is sent by Starlette's outermost middleware, past the one that tags
-    # responses with the request id, so the header is set here.
-    return error_response(
-        request, 500, "internal_error",
-        f"internal server error; the server log has the details under request id {request_id}",
-        headers={"X-Request-ID": request_id} if request_id else None,
-    )
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every exception type to the one JSON error shape."""
+    """Route every expected exception type to the one JSON error shape.
+
+    Unexpected exceptions are not handled here: a handler for ``Exception`` runs in Starlette's
+    outermost middleware, which re-raises afterwards, so the server logged each 500 twice.
+    ``RequestContextMiddleware`` answers them instead, logging one traceback with the request id.
+    """
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(GalleryUnavailableError, _gallery_unavailable)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)

@@ -6,15 +6,18 @@ event loop. Cheap routes (health, metrics) are ``async``.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
+from pydantic import Field
 from vvireid.indexer.store import GalleryItem, Hit
 from vvireid.model.types import Modality
 from vvireid.server import schemas
@@ -30,26 +33,51 @@ from vvireid.server.service import (
 )
 
 log = logging.getLogger(__name__)
+_CAMID_TOKEN = re.compile(r"[0-9]{1,9}")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_HEADER = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="needed by the gallery write endpoints"
 )
 
+
+def _error_docs(**texts: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        int(status[1:]): {"model": schemas.ErrorResponse, "description": text}
+        for status, text in texts.items()
+    }
+
+
+_COMMON_ERRORS = _error_docs(
+    s400="malformed request (e.g. a broken multipart body)",
+    s408="the request body was not received within body_timeout_s",
+    s413="body, frame, frame count or the request's decoded pixels over a limit (named)",
+    s422="bad frame or field, unknown or repeated field (the error names the part)",
+    s500="internal error (the body gives the request id to look up in the server log)",
+)
 _ERRORS = {
-    status: {"model": schemas.ErrorResponse, "description": text}
-    for status, text in {
-        413: "request or frame too large",
-        422: "bad frame or field (the error names the part)",
-        503: "not ready, or queue full (see Retry-After)",
-    }.items()
+    **_COMMON_ERRORS,
+    **_error_docs(
+        s503="not ready, or busy: no slot within admission_timeout_s (see Retry-After)",
+        s504="the model did not answer within request_timeout_s",
+    ),
 }
 _WRITE_ERRORS = {
     **_ERRORS,
-    401: {"model": schemas.ErrorResponse, "description": "no X-API-Key header"},
-    403: {"model": schemas.ErrorResponse, "description": "wrong key, or writes disabled"},
+    **_error_docs(
+        s401="no X-API-Key header", s403="wrong key, or writes disabled",
+        s409="the tracklet id exists, or another process changed the gallery",
+    ),
 }
+_READ_ERRORS = _error_docs(
+    s500="internal error (the body gives the request id)",
+    s503="model and index not loaded yet",
+)
 
+METRICS_AUTH = APIKeyHeader(
+    name="Authorization", auto_error=False, scheme_name="MetricsBearer",
+    description="'Bearer KEY', needed by /metrics when the server has a metrics_key",
+)
 router = APIRouter()
 
 FramesField = Annotated[
@@ -57,12 +85,56 @@ FramesField = Annotated[
     File(description="1..max_frames JPEG/PNG/WebP frames of one tracklet, in temporal order"),
 ]
 ModalityField = Annotated[
-    str, Form(description="modality of the frames: visible (rgb) or infrared (ir)")
+    schemas.ModalityInput,
+    Form(description="modality of the frames: visible (or vis, rgb, v) or infrared "
+                     "(or ir, thermal, i)"),
 ]
 CamidField = Annotated[
     int | None,
-    Form(ge=0, description="camera index of the frames (camera-aware models embed it)"),
+    Form(ge=0, le=schemas.CAMID_MAX,
+         description="camera index of the frames (camera-aware models embed it, and accept "
+                     "only their own cameras: see /v1/index)"),
 ]
+TopKField = Annotated[
+    int | None,
+    Form(ge=1, le=schemas.TOP_K_CEILING,
+         description="matches to return (default and maximum: see /v1/index)"),
+]
+CameraFilterField = Annotated[
+    # The pattern documents _parse_cameras's rule; that function checks it with a better message.
+    list[Annotated[str, Field(json_schema_extra={"pattern": schemas.CAMERA_LIST_PATTERN})]]
+    | None,
+    Form(description="only gallery tracklets of these camids (repeat, or a comma list: 1,3)"),
+]
+QUERY_FIELDS = {"frames": True, "modality": False, "top_k": False, "cross_modal": False,
+                "camera": True, "camid": False}
+ADD_FIELDS = {"frames": True, "modality": False, "camid": False, "camera": False, "pid": False,
+              "tracklet_id": False, "timestamp": False}
+
+
+def form_fields(fields: dict[str, bool]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency rejecting unknown form fields and repeated single-valued ones (422).
+
+    ``fields`` maps each accepted name to whether it may repeat. FastAPI has parsed (and cached)
+    the form by the time dependencies run, so this costs no second parse.
+    """
+
+    async def check(request: Request) -> None:
+        form = await request.form()
+        names = list(form.keys())
+        unknown = sorted({n for n in names if n not in fields})
+        if unknown:
+            raise InvalidFieldError(
+                f"unknown form field(s): {', '.join(map(repr, unknown))}; accepted: "
+                f"{', '.join(fields)}", part=unknown[0],
+            )
+        for name, repeatable in fields.items():
+            if not repeatable and len(form.getlist(name)) > 1:
+                raise InvalidFieldError(
+                    f"{name}: given {len(form.getlist(name))} times, expected once", part=name
+                )
+
+    return check
 
 
 def get_engine(request: Request) -> QueryEngine:
@@ -79,30 +151,41 @@ def get_engine(request: Request) -> QueryEngine:
 EngineDep = Annotated[QueryEngine, Depends(get_engine)]
 
 
-def require_api_key(
-    request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)] = None
-) -> None:
-    """Gallery writes need the configured key; with none configured they are disabled."""
-    expected = request.app.state.api_key
+def api_key_problem(expected: str | None, key: str | None) -> ApiError | None:
+    """Why a write with header ``key`` is refused (None: allowed); compared in constant time.
+
+    Also called from the ASGI guard on the headers alone, so a refused write never has its body
+    read.
+    """
     if expected is None:
-        raise ApiError(
+        return ApiError(
             403, "writes_disabled",
             "gallery writes are disabled: start the server with --api-key-file FILE "
             "(or VVIREID_API_KEY_FILE / VVIREID_API_KEY) and send the key in X-API-Key",
             part="X-API-Key",
         )
     if not key:
-        raise ApiError(401, "unauthorized", "missing X-API-Key header", part="X-API-Key",
-                       headers={"WWW-Authenticate": "APIKey"})
+        return ApiError(401, "unauthorized", "missing X-API-Key header", part="X-API-Key",
+                        headers={"WWW-Authenticate": "APIKey"})
     if not secrets.compare_digest(key.encode(), expected.encode()):
-        raise ApiError(403, "forbidden", "wrong API key", part="X-API-Key")
+        return ApiError(403, "forbidden", "wrong API key", part="X-API-Key")
+    return None
+
+
+def require_api_key(
+    request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)] = None
+) -> None:
+    """Gallery writes need the configured key; with none configured they are disabled."""
+    problem = api_key_problem(request.app.state.api_key, key)
+    if problem is not None:
+        raise problem
 
 
 def _read_frames(frames: list[UploadFile] | None) -> list[FramePayload]:
     return [FramePayload((f.filename or "")[-200:], f.file.read()) for f in frames or []]
 
 
-def _parse_modality(value: str) -> Modality:
+def _parse_modality(value: str | None) -> Modality:
     try:
         return Modality.parse(value)
     except ValueError as exc:
@@ -117,9 +200,11 @@ def _parse_cameras(values: list[str] | None) -> tuple[int, ...] | None:
             token = token.strip()
             if not token:
                 continue
-            if not token.isdigit():
+            # ASCII digits only (str.isdigit accepts "²"), and a bounded length before int().
+            if not _CAMID_TOKEN.fullmatch(token) or int(token) > schemas.CAMID_MAX:
                 raise InvalidFieldError(
-                    f"camera: {token!r} is not a camera index (integers >= 0, e.g. 1,3)",
+                    f"camera: {token[:40]!r} is not a camid (an integer 0..{schemas.CAMID_MAX}; "
+                    "a comma list such as 1,3)",
                     part="camera",
                 )
             cameras.append(int(token))
@@ -131,9 +216,9 @@ def _thumbnail_url(request: Request, tracklet_id: str) -> str:
     return f"{root}/v1/tracklets/{quote(tracklet_id, safe='')}/thumbnail"
 
 
-def _match(request: Request, hit: Hit) -> schemas.Match:
+def _match(request: Request, hit: Hit, similarity: float | None) -> schemas.Match:
     return schemas.Match(
-        rank=hit.rank, tracklet_id=hit.tracklet_id, score=float(hit.score),
+        rank=hit.rank, tracklet_id=hit.tracklet_id, score=float(hit.score), similarity=similarity,
         modality=Modality(hit.modality).label, camid=hit.camid, camera=hit.camera, pid=hit.pid,
         timestamp=hit.timestamp, thumbnail_url=_thumbnail_url(request, hit.tracklet_id),
     )
@@ -159,7 +244,10 @@ def _query_response(
     )
     return schemas.QueryResponse(
         request_id=getattr(request.state, "request_id", None),
-        matches=[_match(request, hit) for hit in result.hits],
+        matches=[
+            _match(request, hit, similarity)
+            for hit, similarity in zip(result.hits, result.similarities, strict=True)
+        ],
         query=schemas.QueryInfo(
             modality=spec.modality.label, gallery_modality=result.gallery_modality.label,
             cross_modal=spec.cross_modal, frames=result.num_frames, top_k=spec.top_k,
@@ -177,26 +265,25 @@ def _query_response(
 @router.post(
     "/v1/query", response_model=schemas.QueryResponse, responses=_ERRORS,
     operation_id="query_v1", summary="Rank gallery tracklets for a query tracklet",
+    dependencies=[Depends(form_fields(QUERY_FIELDS))],
 )
 @router.post(
     "/query", response_model=schemas.QueryResponse, responses=_ERRORS,
     operation_id="query", summary="Rank gallery tracklets (alias of /v1/query)",
+    dependencies=[Depends(form_fields(QUERY_FIELDS))],
 )
 def query(
     request: Request,
     engine: EngineDep,
     modality: ModalityField,
     frames: FramesField = None,
-    top_k: Annotated[int | None, Form(ge=1, description="matches to return (default 10)")] = None,
+    top_k: TopKField = None,
     cross_modal: Annotated[
-        bool,
+        schemas.BoolInput,
         Form(description="true: infrared queries search visible tracklets and vice versa; "
                          "false: search the query's own modality"),
-    ] = True,
-    camera: Annotated[
-        list[str] | None,
-        Form(description="only gallery tracklets of these camids (repeat, or a comma list)"),
-    ] = None,
+    ] = "true",
+    camera: CameraFilterField = None,
     camid: CamidField = None,
 ) -> schemas.QueryResponse:
     """Find the gallery tracklets closest to the uploaded frames.
@@ -209,14 +296,17 @@ def query(
     if top_k > settings.max_top_k:
         raise InvalidFieldError(f"top_k: at most {settings.max_top_k}, got {top_k}", part="top_k")
     spec = QuerySpec(
-        modality=_parse_modality(modality), top_k=top_k, cross_modal=cross_modal,
+        modality=_parse_modality(modality), top_k=top_k, cross_modal=cross_modal == "true",
         cameras=_parse_cameras(camera), camid=camid,
     )
     result = engine.query(_read_frames(frames), spec)
     return _query_response(request, engine, spec, result)
 
 
-@router.get("/v1/index", response_model=schemas.IndexInfo, summary="Model and gallery facts")
+@router.get(
+    "/v1/index", response_model=schemas.IndexInfo, responses=_READ_ERRORS,
+    summary="Model and gallery facts",
+)
 def index_info(request: Request, engine: EngineDep) -> schemas.IndexInfo:
     settings = request.app.state.settings
     limits = {
@@ -225,6 +315,7 @@ def index_info(request: Request, engine: EngineDep) -> schemas.IndexInfo:
         "default_top_k": settings.default_top_k,
         "max_request_bytes": settings.max_request_bytes,
         "max_image_pixels": settings.max_image_pixels,
+        "max_request_pixels": settings.max_request_pixels,
     }
     return schemas.IndexInfo(**engine.describe(), limits=limits)
 
@@ -232,7 +323,10 @@ def index_info(request: Request, engine: EngineDep) -> schemas.IndexInfo:
 @router.get(
     "/v1/tracklets/{tracklet_id:path}/thumbnail",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorResponse}},
+    responses={
+        200: {"content": {"image/jpeg": {}}},
+        **_READ_ERRORS, **_error_docs(s404="no such tracklet, or it has no thumbnail"),
+    },
     summary="JPEG thumbnail of a gallery tracklet (looked up by id in the index)",
 )
 def thumbnail(tracklet_id: str, engine: EngineDep) -> Response:
@@ -250,22 +344,32 @@ def _item_out(request: Request, item: GalleryItem) -> schemas.GalleryItemOut:
 
 @router.post(
     "/v1/gallery", response_model=schemas.GalleryAddResponse, status_code=201,
-    responses={**_WRITE_ERRORS, 409: {"model": schemas.ErrorResponse}},
-    dependencies=[Depends(require_api_key)],
+    responses=_WRITE_ERRORS,
+    dependencies=[Depends(require_api_key), Depends(form_fields(ADD_FIELDS))],
     summary="Add a tracklet to the gallery (needs X-API-Key); saved before the answer",
 )
 def gallery_add(
     request: Request,
     engine: EngineDep,
     modality: ModalityField,
-    camid: Annotated[int, Form(ge=0, description="camera index of the tracklet")],
+    camid: Annotated[
+        int, Form(ge=0, le=schemas.CAMID_MAX, description="camera index of the tracklet")
+    ],
     frames: FramesField = None,
     camera: Annotated[str | None, Form(max_length=200, description="camera name")] = None,
-    pid: Annotated[int | None, Form(ge=0, description="identity, if known")] = None,
-    tracklet_id: Annotated[
-        str | None, Form(description="id to use (default: generated)")
+    pid: Annotated[
+        int | None, Form(ge=0, le=schemas.PID_MAX, description="identity, if known")
     ] = None,
-    timestamp: Annotated[float | None, Form(description="e.g. seconds since the epoch")] = None,
+    tracklet_id: Annotated[
+        str | None,
+        Form(pattern=schemas.TRACKLET_ID_REGEX, max_length=128,
+             description="id to use (default: generated); letters, digits and . _ : @ + -"),
+    ] = None,
+    timestamp: Annotated[
+        float | None,
+        Form(allow_inf_nan=False, ge=-schemas.TIMESTAMP_MAX, le=schemas.TIMESTAMP_MAX,
+             description="a finite number, e.g. seconds since the epoch"),
+    ] = None,
 ) -> schemas.GalleryAddResponse:
     item = engine.add_tracklet(
         _read_frames(frames), modality=_parse_modality(modality), camid=camid,
@@ -280,7 +384,7 @@ def gallery_add(
 
 @router.delete(
     "/v1/gallery/{tracklet_id:path}", response_model=schemas.GalleryDeleteResponse,
-    responses={**_WRITE_ERRORS, 404: {"model": schemas.ErrorResponse}},
+    responses={**_WRITE_ERRORS, **_error_docs(s404="no such tracklet")},
     dependencies=[Depends(require_api_key)],
     summary="Remove a tracklet from the gallery (needs X-API-Key); saved before the answer",
 )
@@ -315,9 +419,38 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(request: Request) -> PlainTextResponse:
+@router.get(
+    "/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
+    responses={
+        200: {"content": {CONTENT_TYPE.split(";")[0]: {}}},
+        **_error_docs(s401="metrics_key is set and the bearer token is missing or wrong"),
+    },
+)
+async def metrics(
+    request: Request, authorization: Annotated[str | None, Security(METRICS_AUTH)] = None
+) -> PlainTextResponse:
+    """Prometheus text format. With ``metrics_key`` set it needs ``Authorization: Bearer KEY``."""
+    key = request.app.state.settings.metrics_key
+    if key is not None:
+        given = authorization or ""
+        expected = "Bearer " + key.get_secret_value()
+        if not secrets.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "unauthorized", "metrics need 'Authorization: Bearer KEY' "
+                           "(the server's metrics_key)", part="Authorization",
+                           headers={"WWW-Authenticate": "Bearer"})
     return PlainTextResponse(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_page() -> FileResponse:
+    """Swagger UI from files served here (no CDN), started by a script file (the CSP allows no
+    inline script)."""
+    return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "redoc.html", media_type="text/html")
 
 
 @router.get("/", include_in_schema=False)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 ModalityName = Literal["visible", "infrared"]
+# What a form may say (Modality.parse's spellings, lower case): the schema lists exactly these.
+# Case and surrounding spaces are ignored, as Modality.parse ignores them.
+ModalityInput = Annotated[
+    Literal["visible", "vis", "rgb", "v", "infrared", "ir", "thermal", "i"],
+    BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
+]
+BoolInput = Literal["true", "false"]
+CAMID_MAX = 999_999_999  # 9 digits: parsed without overflow anywhere, fits 32 bits
+PID_MAX = 2**31 - 1
+TOP_K_CEILING = 100_000  # the settings' max_top_k is at most this; the schema shows the live one
+TIMESTAMP_MAX = 1e12  # seconds: years beyond any camera clock, finite everywhere
+TRACKLET_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"
+CAMERA_LIST_PATTERN = r"^ *[0-9]{1,9} *(, *[0-9]{1,9} *)*$"
 
 
 class Match(BaseModel):
@@ -14,7 +27,16 @@ class Match(BaseModel):
 
     rank: int = Field(description="1 = best match")
     tracklet_id: str
-    score: float = Field(description="similarity (higher is closer): cosine or inner product")
+    score: float = Field(
+        description="the index's own similarity (higher is closer): cosine in [-1, 1] for "
+        "X-ReID, a raw inner product (unbounded) for VLD and the baseline; comparable within "
+        "one index only"
+    )
+    similarity: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="cosine similarity of the query and gallery features, in [-1, 1] (= score "
+        "for cosine indexes); null for inner-product indexes",
+    )
     modality: ModalityName
     camid: int
     camera: str | None = None

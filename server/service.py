@@ -4,8 +4,10 @@ Work is split by where it can run in parallel. Decoding and preprocessing happen
 thread (the server runs each request in its own thread), so many requests decode at once. The
 model and the index are used by one worker thread only, fed by a :class:`MicroBatcher`, so
 concurrent queries share one batched model call and (on a GPU) FAISS is never called from two
-threads. Gallery writes take the write side of a readers-writer lock, so a search never sees a
-half-applied change, and are saved atomically before they are acknowledged.
+threads. Gallery writes are committed by the gallery store (one SQLite transaction) before they
+are acknowledged; the store's own readers-writer lock keeps a search from seeing a half-applied
+change, so this module adds no lock of its own. Changes committed by other processes (the
+``vvireid-index`` CLI) are picked up by the store's background poller.
 
 Errors raised here are :class:`ServiceError` subclasses carrying a stable ``code`` and the request
 ``part`` they concern; ``vvireid.server.errors`` maps them to HTTP statuses.
@@ -31,18 +33,29 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from vvireid.indexer.encode import TrackletEncoder, make_thumbnail, thumbnail_frame
-from vvireid.indexer.store import GalleryIndex, GalleryItem, Hit, IndexConflictError
+from vvireid.indexer.gallery import open_gallery
+from vvireid.indexer.store import (
+    GalleryBusyError,
+    GalleryIndex,
+    GalleryItem,
+    Hit,
+    TrackletExistsError,
+)
 from vvireid.model.base import ReIDModel
 from vvireid.model.checkpoint import load_checkpoint
 from vvireid.model.preprocess import FrameError
 from vvireid.model.types import Modality
 from vvireid.server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
+from vvireid.server.memory import release_memory
+from vvireid.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 # Formats a browser or a camera pipeline sends; other decoders are never even tried.
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")
-TRACKLET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+TRACKLET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # used with fullmatch
+# Frames at least this many times the size the model needs are decoded at reduced size.
+REDUCE_FROM = 4
 
 
 class ServiceError(Exception):
@@ -62,6 +75,12 @@ class InvalidFrameError(ServiceError):
 
 class FrameTooLargeError(ServiceError):
     code = "image_too_large"
+
+
+class DecodeBudgetError(ServiceError):
+    """The frames of one request together are over the decode budget (checked from headers)."""
+
+    code = "decode_budget"
 
 
 class NoFramesError(ServiceError):
@@ -141,6 +160,7 @@ class QueryResult:
     num_frames: int
     timings_ms: dict[str, float]
     batch_size: int
+    similarities: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -163,68 +183,20 @@ class _Outcome:
     batch_size: int
 
 
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+def probe_frame(data: bytes, part: str, label: str, max_pixels: int) -> Image.Image:
+    """Open one uploaded frame lazily: format and size come from the header, no pixel is decoded.
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-def open_frame(data: bytes, part: str, label: str, max_pixels: int) -> Image.Image:
-    """Decode one uploaded frame to RGB, refusing anything not worth decoding.
-
-    The pixel count is checked from the header before any pixel is decoded, so a small file that
-    expands to gigabytes (a decompression bomb) costs nothing; PIL's own global limit is only a
-    second guard.
+    Checking the pixel count here makes a small file that expands to gigabytes (a decompression
+    bomb) cost nothing; PIL's own global limit is only a second guard.
 
     Raises:
-        InvalidFrameError: empty, not JPEG/PNG/WebP, truncated or corrupt.
+        InvalidFrameError: empty, not JPEG/PNG/WebP, or an unreadable header.
         FrameTooLargeError: more than ``max_pixels`` pixels.
     """
     if not data:
         raise InvalidFrameError(f"{label}: empty file", part=part)
     try:
         image = Image.open(io.BytesIO(data), formats=FRAME_FORMATS)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise FrameTooLargeError(
-                f"{label}: {width}x{height} = {width * height} pixels, above the limit of "
-                f"{max_pixels} pixels per frame",
-                part=part,
-            )
-        image.load()
-        return image.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise FrameTooLargeError(f"{label}: {exc}", part=part) from None
     except UnidentifiedImageError:
@@ -233,6 +205,63 @@ def open_frame(data: bytes, part: str, label: str, max_pixels: int) -> Image.Ima
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidFrameError(f"{label}: truncated or corrupt image ({exc})", part=part) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise FrameTooLargeError(
+            f"{label}: {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels} pixels per frame",
+            part=part,
+        )
+    return image
+
+
+def decode_frame(
+    image: Image.Image, part: str, label: str, needed: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode a probed frame to RGB, at reduced size when it is far larger than ``needed``.
+
+    ``needed`` is the smallest (width, height) the caller uses. A frame at least ``REDUCE_FROM``
+    times larger per side is decoded at no less than twice that size: JPEG scales in the decoder
+    itself (draft mode, so the full-size pixels never exist); PNG and WebP are box-reduced right
+    after decoding, so at most one full-size frame per request is alive. Frames of ordinary
+    re-ID crop size are never reduced, so their features match the offline indexer's exactly.
+
+    Raises:
+        InvalidFrameError: truncated or corrupt image data.
+    """
+    source = image
+    try:
+        if (
+            needed is not None and image.format == "JPEG"
+            and _reduce_factor(image.size, needed) > 1
+        ):
+            image.draft("RGB", (2 * needed[0], 2 * needed[1]))
+        image.load()
+        if needed is not None:
+            factor = _reduce_factor(image.size, needed)
+            if factor > 1:
+                image = image.reduce(factor)
+        return image.convert("RGB")  # always a new image: the source can be released
+    except Image.DecompressionBombError as exc:
+        raise FrameTooLargeError(f"{label}: {exc}", part=part) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidFrameError(f"{label}: truncated or corrupt image ({exc})", part=part) from None
+    finally:
+        source.close()  # frees the full-size pixels now, not when the request ends
+
+
+def _reduce_factor(size: tuple[int, int], needed: tuple[int, int]) -> int:
+    """Integer shrink factor that keeps at least twice ``needed`` per side (1 = keep as is)."""
+    if min(size[0] // max(1, needed[0]), size[1] // max(1, needed[1])) < REDUCE_FROM:
+        return 1
+    return max(1, min(size[0] // (2 * needed[0]), size[1] // (2 * needed[1])))
+
+
+def open_frame(
+    data: bytes, part: str, label: str, max_pixels: int, needed: tuple[int, int] | None = None
+) -> Image.Image:
+    """Probe and decode one uploaded frame (see :func:`probe_frame` and :func:`decode_frame`)."""
+    return decode_frame(probe_frame(data, part, label, max_pixels), part, label, needed)
 
 
 class QueryEngine:
@@ -240,7 +269,7 @@ class QueryEngine:
 
     Thread model: ``prepare`` runs in the caller's thread; ``encode_prepared`` and
     ``GalleryIndex.search`` run only in the batch worker; gallery writes run in the caller's
-    thread under the write lock.
+    thread and are serialised by the store.
     """
 
     def __init__(
@@ -249,31 +278,33 @@ class QueryEngine:
         encoder: TrackletEncoder,
         index: GalleryIndex,
         *,
-        max_frames: int = 64,
-        max_image_pixels: int = 4096 * 4096,
-        max_batch: int = 16,
-        max_wait_ms: float = 5.0,
-        queue_size: int = 64,
-        request_timeout_s: float = 60.0,
-        thumbnail_height: int = 128,
+        settings: ServerSettings | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        # The limits live in one place, ServerSettings; this class has no defaults of its own.
+        settings = settings or ServerSettings()
         self.model = model
         self.encoder = encoder
         self.index = index
-        self.max_frames = max_frames
-        self.max_image_pixels = max_image_pixels
-        self.request_timeout_s = request_timeout_s
-        self.thumbnail_height = thumbnail_height
-        self.version = 0
-        self._lock = ReadWriteLock()
+        self.max_frames = settings.max_frames
+        self.max_image_pixels = settings.max_image_pixels
+        self.max_request_pixels = settings.max_request_pixels
+        self.request_timeout_s = settings.request_timeout_s
+        self.thumbnail_height = settings.thumbnail_height
+        height, width = model.config.image_size
+        # The smallest decoded size that loses nothing: the model input and the thumbnail.
+        self._needed = (width, max(height, self.thumbnail_height))
+        # index_version counts gallery changes since load: the store's change counter (which
+        # also counts other processes' commits) where it has one, else this server's writes.
+        self._base_seq = getattr(index, "change_seq", 0)
+        self._own_writes = 0
         self._preparing = 0  # requests decoding right now: they will want the next batch
         self._preparing_lock = threading.Lock()
         self._batcher: MicroBatcher[_Job, _Outcome] = MicroBatcher(
             self._process,
-            max_batch=max_batch,
-            max_wait_s=max_wait_ms / 1000.0,
-            queue_size=queue_size,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
             on_batch=on_batch,
             expect_more=lambda: self._preparing > 0,
         )
@@ -285,8 +316,8 @@ class QueryEngine:
         checkpoint: str | Path,
         index_dir: str | Path,
         *,
-        device: str = "auto",
-        **options: Any,
+        settings: ServerSettings | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> QueryEngine:
         """Load the checkpoint and the index made with it, warm the model up, start the worker.
 
@@ -296,12 +327,16 @@ class QueryEngine:
         """
         started = time.perf_counter()
         model = load_checkpoint(checkpoint)
-        encoder = TrackletEncoder(model, device=device, batch_size=options.get("max_batch", 16))
-        index = GalleryIndex.open(
-            index_dir, expected_fingerprint=model.fingerprint, expected_dim=encoder.dim,
-            device=device,
+        settings = settings or ServerSettings()
+        device = settings.device
+        encoder = TrackletEncoder(model, device=device, batch_size=settings.max_batch)
+        # The backend (FAISS folder or Milvus collection) comes from the settings; a Milvus
+        # server that cannot be reached raises GalleryUnavailableError naming its URI.
+        index = open_gallery(
+            index_dir, settings.backend_options(), expected_fingerprint=model.fingerprint,
+            expected_dim=encoder.dim, device=device,
         )
-        engine = cls(model, encoder, index, **options)
+        engine = cls(model, encoder, index, settings=settings, on_batch=on_batch)
         engine.warm_up()
         engine.start()
         log.info(
@@ -313,11 +348,16 @@ class QueryEngine:
 
     def start(self) -> QueryEngine:
         self._batcher.start()
+        # Applies commits of other processes (CLI add/remove) and writes FAISS snapshots.
+        start_background = getattr(self.index, "start_background", None)
+        if start_background is not None:
+            start_background()
         return self
 
     def close(self) -> None:
-        """Stop the worker; queued requests are answered first."""
+        """Stop the worker (queued requests are answered first), then release the gallery."""
         self._batcher.close()
+        self.index.close()
 
     def warm_up(self) -> None:
         """One model call on a blank clip, so the first user request does not pay for it."""
@@ -342,16 +382,21 @@ class QueryEngine:
         return len(self.index)
 
     @property
+    def version(self) -> int:
+        """Gallery changes applied since this server loaded it (its own and other processes')."""
+        seq = getattr(self.index, "change_seq", None)
+        return self._own_writes if seq is None else seq - self._base_seq
+
+    @property
     def index_state(self) -> tuple[int, int]:
-        """(tracklets in the gallery, changes made through this server): cheap, per response."""
+        """(tracklets in the gallery, changes applied since load): cheap, per response."""
         return len(self.index), self.version
 
     def describe(self) -> dict[str, Any]:
         """The model and index facts (walks the whole gallery: for /v1/index, not per query)."""
         config = self.model.config
-        with self._lock.read():
-            stats = dict(self.index.stats())
-            size = len(self.index)
+        stats = dict(self.index.stats())
+        size = stats["count"]
         stats.pop("path", None)  # the server's file layout is not the client's business
         return {
             "model": {
@@ -384,7 +429,8 @@ class QueryEngine:
             )
         if len(frames) > self.max_frames:
             raise TooManyFramesError(
-                f"too many frames: {len(frames)} sent, at most {self.max_frames} per request",
+                f"too many frames: {len(frames)} sent, above the limit of {self.max_frames} "
+                "frames per request (max_frames)",
                 part="frames",
             )
         parts = [f"frames[{i}]" for i in range(len(frames))]
@@ -395,10 +441,12 @@ class QueryEngine:
         indices = self.encoder.preprocessor.clip_indices(len(frames))
         wanted = {i for clip in indices for i in clip}
         middle = thumbnail_frame(indices)  # the offline indexer's choice
+        probed = self._probe_all(frames, parts, labels)
+        declared = sum(image.size[0] * image.size[1] for image in probed)
         sources: list[Any] = []
         thumb_source: Image.Image | None = None
         for i, frame in enumerate(frames):
-            image = open_frame(frame.data, parts[i], labels[i], self.max_image_pixels)
+            image = decode_frame(probed[i], parts[i], labels[i], self._needed)
             if i == middle:
                 thumb_source = image
             # Frames the sampling rule skips are passed as their (already verified) bytes; the
@@ -409,8 +457,32 @@ class QueryEngine:
         except FrameError as exc:
             part = parts[labels.index(exc.where)] if exc.where in labels else "frames"
             raise InvalidFrameError(str(exc), part=part) from None
+        finally:
+            release_memory(declared)
         assert thumb_source is not None
         return clips, thumb_source
+
+    def _probe_all(
+        self, frames: Sequence[FramePayload], parts: list[str], labels: list[str]
+    ) -> list[Image.Image]:
+        """Read every frame's header and enforce the request's pixel budget before decoding.
+
+        Raises:
+            DecodeBudgetError: all frames together declare more than ``max_request_pixels``.
+        """
+        probed = [
+            probe_frame(frame.data, parts[i], labels[i], self.max_image_pixels)
+            for i, frame in enumerate(frames)
+        ]
+        total = sum(image.size[0] * image.size[1] for image in probed)
+        if total > self.max_request_pixels:
+            raise DecodeBudgetError(
+                f"frames: {len(frames)} frames declare {total} pixels together, above the limit "
+                f"of {self.max_request_pixels} pixels per request (max_request_pixels); send "
+                "fewer or smaller frames",
+                part="frames",
+            )
+        return probed
 
     def check_camid(self, camid: int | None, part: str = "camid") -> None:
         """A camera-aware model only knows camids ``0..num_cameras-1``."""
@@ -446,7 +518,18 @@ class QueryEngine:
             num_frames=len(frames),
             timings_ms=timings,
             batch_size=outcome.batch_size,
+            similarities=self._similarities(outcome.hits),
         )
+
+    def _similarities(self, hits: Sequence[Hit]) -> list[float | None]:
+        """Cosine similarity per hit, in [-1, 1]: the score itself for cosine indexes.
+
+        An inner-product index (VLD, baseline) scores unnormalised features; their cosine needs
+        each gallery vector's norm, which the index does not expose, so it is None there.
+        """
+        if self.index.similarity != "cosine":
+            return [None] * len(hits)
+        return [min(1.0, max(-1.0, float(hit.score))) for hit in hits]
 
     def add_tracklet(
         self,
@@ -472,45 +555,34 @@ class QueryEngine:
             frames=tuple(f.filename for f in frames),
         )
         thumbnail = make_thumbnail(middle, self.thumbnail_height)
-        with self._lock.write():
-            if tracklet_id in self.index:
-                raise DuplicateTrackletError(
-                    f"tracklet_id {tracklet_id!r} is already in the gallery", part="tracklet_id"
-                )
+        try:
             self.index.add([item], outcome.feat[None, :], thumbnails=[thumbnail])
-            try:
-                self._save()
-            except Exception:
-                self.index.remove([tracklet_id])  # keep memory equal to what is on disk
-                raise
-            self.version += 1
+        except TrackletExistsError:
+            raise DuplicateTrackletError(
+                f"tracklet_id {tracklet_id!r} is already in the gallery", part="tracklet_id"
+            ) from None
+        except GalleryBusyError as exc:
+            raise OverloadedError(str(exc), retry_after_s=2) from None
+        self._own_writes += 1
         log.info("added tracklet %s (%s, camid %d)", tracklet_id, modality.label, camid)
         return item
 
     def remove_tracklet(self, tracklet_id: str) -> None:
-        """Remove a tracklet and save the index before returning."""
-        with self._lock.write():
-            if tracklet_id not in self.index:
-                raise UnknownTrackletError(f"no tracklet {tracklet_id!r} in the gallery")
-            self.index.remove([tracklet_id])
-            self._save()
-            self.version += 1
-        log.info("removed tracklet %s", tracklet_id)
-
-    def _save(self) -> None:
+        """Remove a tracklet; returns once the removal is committed."""
         try:
-            self.index.save()
-        except IndexConflictError as exc:
-            raise GalleryConflictError(
-                f"{exc}. Another process changed the gallery; restart this server to reload it"
-            ) from None
+            self.index.remove([tracklet_id])
+        except KeyError:
+            raise UnknownTrackletError(f"no tracklet {tracklet_id!r} in the gallery") from None
+        except GalleryBusyError as exc:
+            raise OverloadedError(str(exc), retry_after_s=2) from None
+        self._own_writes += 1
+        log.info("removed tracklet %s", tracklet_id)
 
     def thumbnail(self, tracklet_id: str) -> bytes:
         """The JPEG thumbnail stored in the index for this id (never a file path from a client)."""
-        with self._lock.read():
-            if tracklet_id not in self.index:
-                raise UnknownTrackletError(f"no tracklet {tracklet_id!r} in the gallery")
-            data = self.index.thumbnail(tracklet_id)
+        if tracklet_id not in self.index:
+            raise UnknownTrackletError(f"no tracklet {tracklet_id!r} in the gallery")
+        data = self.index.thumbnail(tracklet_id)
         if data is None:
             raise UnknownTrackletError(f"tracklet {tracklet_id!r} has no thumbnail")
         return data
@@ -518,7 +590,7 @@ class QueryEngine:
     def _check_new_id(self, tracklet_id: str | None) -> str:
         if tracklet_id is None or tracklet_id == "":
             return f"api-{uuid.uuid4().hex[:16]}"
-        if not TRACKLET_ID_PATTERN.match(tracklet_id):
+        if not TRACKLET_ID_PATTERN.fullmatch(tracklet_id):
             raise InvalidFieldError(
                 "tracklet_id: 1-128 characters from letters, digits and . _ : @ + -, "
                 f"starting with a letter or digit; got {tracklet_id!r}",
@@ -584,17 +656,16 @@ class QueryEngine:
                 groups[(job.search.gallery_modality, job.search.cameras)].append(i)
         hits: dict[int, list[Hit]] = {}
         search_s: dict[int, float] = {}
-        with self._lock.read():
-            for (modality, cameras), rows in groups.items():
-                t0 = time.perf_counter()
-                k = max(jobs[i].search.top_k for i in rows)
-                found = self.index.search(
-                    feats[rows], k, modality=modality, camids=list(cameras) if cameras else None
-                )
-                elapsed = time.perf_counter() - t0
-                for i, row_hits in zip(rows, found, strict=True):
-                    hits[i] = row_hits[: jobs[i].search.top_k]
-                    search_s[i] = elapsed
+        for (modality, cameras), rows in groups.items():
+            t0 = time.perf_counter()
+            k = max(jobs[i].search.top_k for i in rows)
+            found = self.index.search(
+                feats[rows], k, modality=modality, camids=list(cameras) if cameras else None
+            )
+            elapsed = time.perf_counter() - t0
+            for i, row_hits in zip(rows, found, strict=True):
+                hits[i] = row_hits[: jobs[i].search.top_k]
+                search_s[i] = elapsed
         return [
             _Outcome(
                 feat=feats[i],

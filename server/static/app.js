@@ -116,7 +116,9 @@ function matchCard(match) {
   const meta = document.createElement("div");
   meta.className = "meta";
   meta.append(text("div", "id", match.tracklet_id));
-  meta.append(text("div", "score", `score ${match.score.toFixed(4)}`));
+  const similarity = match.similarity === null || match.similarity === undefined
+    ? "" : ` · similarity ${match.similarity.toFixed(3)}`;
+  meta.append(text("div", "score", `score ${match.score.toFixed(4)}${similarity}`));
   const where = document.createElement("div");
   where.append(text("span", `tag tag-${match.modality}`, match.modality));
   const camera = match.camera ? `${match.camera} (cam ${match.camid})` : `cam ${match.camid}`;
@@ -127,6 +129,12 @@ function matchCard(match) {
   }
   card.append(thumb, meta);
   return card;
+}
+
+// After a failed query the previous matches must not stay on screen next to the error.
+function clearResults() {
+  $("results").replaceChildren(text("p", "hint", "No results: the last search failed."));
+  $("timings").textContent = "";
 }
 
 function showResults(body) {
@@ -162,9 +170,12 @@ async function search(event) {
   try {
     const response = await fetch("v1/query", { method: "POST", body: form });
     const body = await response.json().catch(() => null);
-    if (!response.ok) showError(describeError(response.status, body));
-    else showResults(body);
+    if (!response.ok) {
+      clearResults();
+      showError(describeError(response.status, body));
+    } else showResults(body);
   } catch (err) {
+    clearResults();
     showError(`cannot reach the server: ${err}`);
   } finally {
     button.textContent = "Search";

@@ -30,7 +30,7 @@ from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
 from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
 from vvireid.model.types import Modality, Tracklet
-from vvireid.server.app import create_app
+from vvireid.server.app import create_app, uvicorn_config
 from vvireid.server.settings import ServerSettings
 
 NUM_PIDS = 4
@@ -158,7 +158,7 @@ def live_server(settings: ServerSettings) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

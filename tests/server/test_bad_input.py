@@ -61,8 +61,9 @@ def test_no_frames(client):
 
 
 def test_too_many_frames(client):
-    error = assert_error(post(client, good_frames(65)), 422, "too_many_frames", "frames")
+    error = assert_error(post(client, good_frames(65)), 413, "too_many_frames", "frames")
     assert "65" in error["message"] and "64" in error["message"]
+    assert "max_frames" in error["message"]
 
 
 def test_non_image_file_is_named(client):
@@ -142,7 +143,7 @@ def test_request_above_byte_limit(tiny_gallery: TinyGallery):
     limit = 64 * 1024
     with running_client(make_settings(tiny_gallery, max_request_bytes=limit)) as client:
         big = [("frames", ("big.png", png_header_only(10, 10) + b"\0" * (limit + 10), "image/png"))]
-        error = assert_error(post(client, big), 413, "request_too_large", None)
+        error = assert_error(post(client, big), 413, "request_too_large", "body")
         assert str(limit) in error["message"]
 
         # Chunked upload without Content-Length: counted while reading.
@@ -153,7 +154,7 @@ def test_request_above_byte_limit(tiny_gallery: TinyGallery):
             headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
         )
         assert "content-length" not in response.request.headers
-        assert_error(response, 413, "request_too_large", None)
+        assert_error(response, 413, "request_too_large", "body")
         assert post(client, good_frames(2)).status_code == 200
 
 
@@ -169,6 +170,14 @@ def test_request_above_byte_limit(tiny_gallery: TinyGallery):
         ({"camera": "-1"}, "camera"),
         ({"camid": "-3"}, "camid"),
         ({"cross_modal": "maybe"}, "cross_modal"),
+        ({"camera": "99999999999999999999999"}, "camera"),
+        ({"camera": "\u00b2"}, "camera"),  # "²": str.isdigit() says yes, int() says no
+        ({"camera": "1,2\u00b3"}, "camera"),
+        ({"camid": "99999999999999999999999"}, "camid"),
+        ({"camid": "\u00b2"}, "camid"),
+        ({"camid": "1.5"}, "camid"),
+        ({"top_k": "1e400"}, "top_k"),
+        ({"frame": "x"}, "frame"),  # a mistyped field name is named, not ignored
     ],
 )
 def test_bad_fields_are_named(client, fields, part):
@@ -210,3 +219,53 @@ def test_internal_error_is_500_with_request_id_and_no_trace(tiny_gallery: TinyGa
         error = assert_error(response, 500, "internal_error", None)
         assert "secret" not in response.text and "Traceback" not in response.text
         assert response.json()["request_id"] in error["message"]
+
+
+@pytest.mark.parametrize("field", ["modality", "top_k", "camid", "cross_modal"])
+def test_repeated_single_valued_field_is_rejected(client, field):
+    value = {"modality": "infrared", "top_k": "3", "camid": "0", "cross_modal": "true"}[field]
+    body = {"modality": "infrared", field: [value, value]}
+    response = client.post("/v1/query", files=good_frames(2), data=body)
+    error = assert_error(response, 422, "invalid_field", field)
+    assert "2 times" in error["message"]
+
+
+def test_unknown_file_field_is_named(client):
+    files = [("frame", ("0.jpg", frame_bytes(), "image/jpeg"))]
+    error = assert_error(post(client, files), 422, "invalid_field", "frame")
+    assert "'frame'" in error["message"] and "frames" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def writer(tiny_gallery: TinyGallery, tmp_path_factory):
+    """A server over a private index copy that accepts writes with key 'k'."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("writer")
+    shutil.copytree(tiny_gallery.index, root / "index")
+    settings = make_settings(tiny_gallery, index=root / "index", api_key="k")
+    with running_client(settings) as client:
+        client.headers["X-API-Key"] = "k"
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("fields", "part"),
+    [
+        ({"tracklet_id": "ok-id\n"}, "tracklet_id"),  # a pattern ending in $ let this through
+        ({"tracklet_id": "-starts-with-dash"}, "tracklet_id"),
+        ({"timestamp": "nan"}, "timestamp"),
+        ({"timestamp": "inf"}, "timestamp"),
+        ({"timestamp": "-Infinity"}, "timestamp"),
+        ({"camid": "99999999999999999999999"}, "camid"),
+        ({"pid": "99999999999999999999"}, "pid"),
+        ({"pid": "\u00b2"}, "pid"),
+        ({"modality": "rgb", "extra": "1"}, "extra"),
+    ],
+)
+def test_gallery_fields_are_validated(writer, fields, part):
+    data = {"modality": "visible", "camid": "0", **fields}
+    response = writer.post("/v1/gallery", files=good_frames(2), data=data)
+    error = assert_error(response, 422, "invalid_field", part)
+    assert part in error["message"]
+    assert writer.get("/v1/index").json()["index"]["size"] == 8  # nothing was added

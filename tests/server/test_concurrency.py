@@ -139,7 +139,10 @@ def test_32_concurrent_clients_get_their_own_answers_batched(tiny_gallery: TinyG
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_gallery: TinyGallery):
-    settings = make_settings(tiny_gallery, max_batch=1, queue_size=1, max_wait_ms=0)
+    """Two slots, both taken by requests stuck behind a slow model: the third request is
+    refused with 503 + Retry-After once its admission deadline passes."""
+    settings = make_settings(tiny_gallery, max_batch=1, max_in_flight=2, queue_size=2,
+                             max_wait_ms=0, admission_timeout_s=0.3)
     probe = tiny_gallery.of(Modality.INFRARED, 0)
     form = {"modality": "infrared"}
     with running_client(settings) as client:
@@ -160,11 +163,13 @@ def test_full_queue_answers_503_with_retry_after(tiny_gallery: TinyGallery):
             deadline = time.monotonic() + 10
             while client.app.state.engine.queue_depth < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            started = time.monotonic()
             rejected = client.post("/v1/query", files=probe.files(), data=form)
+            waited = time.monotonic() - started
             gate.set()
             assert first.result(30).status_code == 200
             assert second.result(30).status_code == 200
-        assert rejected.status_code == 503
+        assert rejected.status_code == 503 and waited < 2.0
         assert rejected.headers["retry-after"] == "1"
         assert rejected.json()["error"]["code"] == "overloaded"
         assert "\nvvireid_queue_rejected_total 1\n" in client.get("/metrics").text
