@@ -106,6 +106,11 @@ class GalleryBackend(Protocol):
         """Every indexed tracklet id."""
         ...
 
+    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of ``tracklet_ids`` in that order, float32 [N, D] (for merges and
+        migrations between backends); KeyError naming ids that are not stored."""
+        ...
+
     def save(self) -> None:
         """Make the changes so far durable (FAISS: write files; Milvus: flush)."""
         ...
@@ -313,29 +318,6 @@ def collection_name(location: str | Path) -> str:
     return name
 
 
-def gallery_vectors(gallery: Any, tracklet_ids: Sequence[str]) -> np.ndarray:
-    """The stored vectors of ``tracklet_ids``, float32 [N, D], in that order.
-
-    Uses the backend's ``vectors(ids)`` when it has one (``MilvusGallery`` does). The FAISS
-    gallery of index format 1 has no such method, so for its exact ``flat`` index the vectors
-    are reconstructed from FAISS (exact for flat); other FAISS index types are refused.
-
-    Raises:
-        ValueError: the backend cannot give back its vectors (names the gallery).
-    """
-    if hasattr(gallery, "vectors"):
-        return np.asarray(gallery.vectors(list(tracklet_ids)), dtype=np.float32)
-    vindex = getattr(gallery, "_vindex", None)
-    id_of = getattr(gallery, "_id_of", None)
-    if vindex is None or id_of is None or gallery.index_type != "flat":
-        raise ValueError(
-            f"{gallery.path}: cannot read vectors back from a {gallery.index_type} gallery; "
-            "build the shards with --index-type flat"
-        )
-    rows = [vindex.index.reconstruct(int(id_of[t])) for t in tracklet_ids]
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), gallery.dim)
-
-
 def merge_galleries(
     out: str | Path,
     shards: Sequence[str | Path],
@@ -390,7 +372,7 @@ def merge_galleries(
         for shard in opened:
             ids = shard.tracklet_ids()
             items = [shard.get(t) for t in ids]
-            merged.add(items, gallery_vectors(shard, ids), [shard.thumbnail(t) for t in ids])
+            merged.add(items, shard.vectors(ids), [shard.thumbnail(t) for t in ids])
         merged.save()
         return {
             "command": "merge",

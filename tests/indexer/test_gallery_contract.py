@@ -327,3 +327,11 @@ def test_backend_options_read_credentials_from_env_and_files(tmp_path: Path) -> 
         BackendOptions.from_env("milvus", environ={})
     with pytest.raises(ValueError, match="backend must be"):
         BackendOptions(backend="qdrant")
+
+
+def test_vectors_come_back_in_the_order_asked(filled) -> None:
+    gallery, _, vectors = filled
+    got = gallery.vectors(["t009", "t001"])
+    np.testing.assert_allclose(got, vectors[[9, 1]], atol=1e-6)
+    with pytest.raises(KeyError, match="nope"):
+        gallery.vectors(["t001", "nope"])
