@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from vvireid.indexer.encode import tracklet_features
+from vvireid.indexer.rerank import RerankParams, rerank_distances
 from vvireid.indexer.sources.splits import DIRECTIONS, DatasetSplits
 from vvireid.model.base import ReIDModel
 from vvireid.model.fileio import write_atomic
@@ -53,6 +54,7 @@ class DirectionResult:
     query: Sequence[Tracklet]
     gallery: Sequence[Tracklet]
     variants: dict[str, EvalResult] = field(default_factory=dict)
+    reranked: bool = False  # distmat holds re-ranked distances, not -score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,11 +114,14 @@ def evaluate_model(
     on_bad_frame: str = "fail",
     dist: DistInfo | None = None,
     variants: bool = False,
+    rerank: RerankParams | None = None,
 ) -> dict[str, DirectionResult] | None:
     """Both cross-modal directions of ``splits`` under the dataset's protocol (None off rank 0).
 
     Each distinct tracklet is encoded once (HITSZ-VCM's two directions share their sets). With
     ``variants`` the model's other ``feature_variants`` are scored too, from the same features.
+    With ``rerank`` each query's top-``shortlist`` is k-reciprocal re-ranked; the metrics without
+    re-ranking are kept as the variant ``no_rerank``.
     """
     rule = "dense" if dense else (test_sampling or splits.test_sampling)
     preprocess = PreprocessConfig(**{**model.preprocess.to_dict(), "test_sampling": rule})
@@ -145,6 +150,15 @@ def evaluate_model(
         if variants:
             results[direction].variants = _variant_results(model, splits, q, g, query, gallery,
                                                            max_rank)
+        if rerank is not None:
+            reranked = rerank_distances(q, g, rerank)
+            rr_result = evaluate(reranked, [t.pid for t in query], [t.pid for t in gallery],
+                                 [t.camid for t in query], [t.camid for t in gallery],
+                                 filter_same_camera=splits.filter_same_camera, max_rank=max_rank)
+            plain = results[direction]
+            plain.variants["no_rerank"] = plain.result
+            results[direction] = DirectionResult(rr_result, reranked, query, gallery,
+                                                 plain.variants, reranked=True)
     return results
 
 
@@ -241,8 +255,10 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def draw_cmc(curves: dict[str, np.ndarray], path: str | Path, *, title: str = "CMC") -> None:
-    """Plot CMC curves (rank 1..k on x, matching rate in % on y) as a PNG."""
+def draw_cmc(curves: dict[str, np.ndarray], path: str | Path, *, title: str = "CMC",
+             maps: dict[str, float] | None = None) -> None:
+    """Plot CMC curves (rank 1..k on x, matching rate in % on y) as a PNG; ``maps`` (fractions,
+    per curve) go into the legend, since R1 alone hides how the other positives rank."""
     width, height, left, right, top, bottom = 640, 420, 64, 24, 40, 56
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -274,7 +290,9 @@ def draw_cmc(curves: dict[str, np.ndarray], path: str | Path, *, title: str = "C
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         label = f"{name}  R1 {100 * float(cmc[0]):.1f}%"
-        lx, ly = left + plot_w - 190, top + plot_h - 24 - 22 * (len(curves) - 1 - i)
+        if maps and name in maps:
+            label += f"  mAP {100 * maps[name]:.1f}%"
+        lx, ly = left + plot_w - 260, top + plot_h - 24 - 22 * (len(curves) - 1 - i)
         draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
         draw.text((lx + 30, ly), label, fill="black", font=small)
     _save_png(image, path)
@@ -289,6 +307,49 @@ def _thumbnail(tracklet: Tracklet, size: tuple[int, int]) -> Image.Image:
         return Image.new("RGB", size, _GREY)
 
 
+def query_average_precision(d: DirectionResult, qi: int, filter_same_camera: bool) -> float | None:
+    """The AP of one query under the protocol's gallery filter (None: no positive left)."""
+    keep = _kept_order(d, qi, filter_same_camera)
+    hits = np.array([d.gallery[gi].pid == d.query[qi].pid for gi in keep], dtype=bool)
+    if not hits.any():
+        return None
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def select_queries(d: DirectionResult, how: str, count: int, filter_same_camera: bool,
+                   seed: int = 0) -> list[int]:
+    """Query positions to show: ``worst``/``best`` by AP, ``random``, or a comma list of query
+    tracklet ids. Failures (rank-1 wrong) come first in every choice.
+
+    Raises:
+        ValueError: an unknown choice or a query id that is not in this direction.
+    """
+    aps = {qi: query_average_precision(d, qi, filter_same_camera) for qi in range(len(d.query))}
+    valid = [qi for qi, ap in aps.items() if ap is not None]
+    if how == "worst":
+        picked = sorted(valid, key=lambda qi: (aps[qi], qi))[:count]
+    elif how == "best":
+        picked = sorted(valid, key=lambda qi: (-aps[qi], qi))[:count]
+    elif how == "random":
+        rng = np.random.default_rng(seed)
+        picked = sorted(rng.choice(valid, size=min(count, len(valid)), replace=False).tolist())
+    else:
+        wanted = [w.strip() for w in how.split(",") if w.strip()]
+        position = {t.tracklet_id: qi for qi, t in enumerate(d.query)}
+        unknown = [w for w in wanted if w not in position]
+        if unknown or not wanted:
+            raise ValueError(f"--vis-queries: {how!r} is not worst, best, random or a comma list "
+                             f"of query tracklet ids (unknown: {unknown[:5]})")
+        picked = [position[w] for w in wanted]
+
+    def failed(qi: int) -> bool:
+        top = _top_gallery(d, qi, 1, filter_same_camera)
+        return bool(top) and d.gallery[top[0]].pid != d.query[qi].pid
+
+    return sorted(picked, key=lambda qi: not failed(qi))
+
+
 def draw_ranklist(
     directions: dict[str, DirectionResult],
     path: str | Path,
@@ -297,18 +358,20 @@ def draw_ranklist(
     top_k: int = 8,
     thumb: tuple[int, int] = (48, 96),
     filter_same_camera: bool = False,
+    queries: str = "worst",
 ) -> None:
-    """A grid: per direction, a few queries (evenly spread) and their top-k gallery tracklets.
+    """A grid per direction: chosen queries (``select_queries``) and their top-k gallery items.
 
-    A correct match (same pid) gets a green border, a wrong one red. Gallery items that the
-    protocol removes (same pid and camid, under ``filter_same_camera``) are skipped, as in the
-    metric.
+    Each row names the query (id, pid, camera) and its AP; each gallery tile shows its rank, pid,
+    camera and score (re-ranked distance ``d`` after re-ranking), with a green border for a
+    correct match and red for a wrong one. Gallery items that the protocol removes (same pid and
+    camid, under ``filter_same_camera``) are skipped, as in the metric.
     """
     tw, th = thumb
-    pad, border, label_h, gap = 6, 3, 18, 16
+    pad, border, label_h, caption_h, gap = 6, 3, 18, 30, 16
     rows = [(name, qi) for name, d in directions.items()
-            for qi in _spread(len(d.query), num_queries)]
-    cell_w, cell_h = tw + 2 * border + pad, th + 2 * border + pad
+            for qi in select_queries(d, queries, num_queries, filter_same_camera)]
+    cell_w, cell_h = max(tw + 2 * border, 64) + pad, th + 2 * border + caption_h + pad
     width = pad + (top_k + 1) * cell_w + gap
     height = pad + len(rows) * (cell_h + label_h) + pad
     image = Image.new("RGB", (width, max(height, 40)), "white")
@@ -318,7 +381,10 @@ def draw_ranklist(
     for name, qi in rows:
         d = directions[name]
         query = d.query[qi]
-        draw.text((pad, y), f"{name}  query pid {query.pid} cam {query.camid}", fill="black", font=small)
+        ap = query_average_precision(d, qi, filter_same_camera)
+        ap_text = "no positive" if ap is None else f"AP {100 * ap:.1f}%"
+        draw.text((pad, y), f"{name}  query {query.tracklet_id}  pid {query.pid} cam "
+                  f"{query.camid}  {ap_text}", fill="black", font=small)
         y += label_h
         _paste(image, draw, _thumbnail(query, thumb), pad, y, _GREY, border)
         for k, gi in enumerate(_top_gallery(d, qi, top_k, filter_same_camera)):
@@ -326,6 +392,13 @@ def draw_ranklist(
             colour = _GREEN if item.pid == query.pid else _RED
             x = pad + gap + (k + 1) * cell_w
             _paste(image, draw, _thumbnail(item, thumb), x, y, colour, border)
+            draw.text((x + border + 2, y + border + 1), str(k + 1), fill="white", font=small,
+                      stroke_width=2, stroke_fill="black")
+            value = d.distmat[qi, gi]
+            score = f"d {value:.3f}" if d.reranked else f"s {-value:.3f}"
+            below = y + th + 2 * border + 2
+            draw.text((x, below), f"p{item.pid} c{item.camid}", fill=colour, font=small)
+            draw.text((x, below + 13), score, fill="black", font=small)
         y += cell_h
     _save_png(image, path)
 
@@ -337,24 +410,16 @@ def _paste(image: Image.Image, draw: ImageDraw.ImageDraw, tile: Image.Image, x: 
     image.paste(tile, (x + border, y + border))
 
 
-def _spread(count: int, wanted: int) -> list[int]:
-    if count == 0:
-        return []
-    return sorted({int(i) for i in np.linspace(0, count - 1, min(wanted, count))})
+def _kept_order(d: DirectionResult, qi: int, filter_same_camera: bool) -> list[int]:
+    """Gallery positions by increasing distance, without the protocol's removed items."""
+    query = d.query[qi]
+    return [int(gi) for gi in np.argsort(d.distmat[qi], kind="stable")
+            if not (filter_same_camera and d.gallery[int(gi)].pid == query.pid
+                    and d.gallery[int(gi)].camid == query.camid)]
 
 
 def _top_gallery(d: DirectionResult, qi: int, top_k: int, filter_same_camera: bool) -> list[int]:
-    order = np.argsort(d.distmat[qi])
-    query = d.query[qi]
-    picked = []
-    for gi in order:
-        item = d.gallery[int(gi)]
-        if filter_same_camera and item.pid == query.pid and item.camid == query.camid:
-            continue
-        picked.append(int(gi))
-        if len(picked) == top_k:
-            break
-    return picked
+    return _kept_order(d, qi, filter_same_camera)[:top_k]
 
 
 def write_eval_outputs(
@@ -363,6 +428,8 @@ def write_eval_outputs(
     directions: dict[str, DirectionResult],
     *,
     filter_same_camera: bool,
+    vis_queries: str = "worst",
+    num_queries: int = 4,
 ) -> dict[str, str]:
     """Write ``report.json``, ``cmc.png`` and ``ranklist.png`` into ``out_dir``; returns the paths."""
     out = Path(out_dir)
@@ -371,6 +438,8 @@ def write_eval_outputs(
              "ranklist": str(out / RANKLIST_FILE)}
     write_json(paths["report"], report)
     draw_cmc({name: d.result.cmc for name, d in directions.items()}, paths["cmc"],
-             title=f"CMC ({report.get('dataset', '')})")
-    draw_ranklist(directions, paths["ranklist"], filter_same_camera=filter_same_camera)
+             title=f"CMC ({report.get('dataset', '')})",
+             maps={name: d.result.mAP for name, d in directions.items()})
+    draw_ranklist(directions, paths["ranklist"], filter_same_camera=filter_same_camera,
+                  queries=vis_queries, num_queries=num_queries)
     return paths

@@ -103,7 +103,7 @@ def test_calibrate_cli_writes_json_and_histogram(tmp_path, capsys):
     checkpoint = tmp_path / "model.safetensors"
     save_checkpoint(checkpoint, model)
     rc = main(["calibrate", "--checkpoint", str(checkpoint), "--data-root", str(manifest),
-               "--format", "manifest", "--num-workers", "0", "--device", "cpu"])
+               "--format", "manifest", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     summary = json.loads(out.out)
