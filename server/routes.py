@@ -107,7 +107,7 @@ CameraFilterField = Annotated[
     Form(description="only gallery tracklets of these camids (repeat, or a comma list: 1,3)"),
 ]
 QUERY_FIELDS = {"frames": True, "modality": False, "top_k": False, "cross_modal": False,
-                "camera": True, "camid": False}
+                "camera": True, "camid": False, "rerank": False, "min_probability": False}
 ADD_FIELDS = {"frames": True, "modality": False, "camid": False, "camera": False, "pid": False,
               "tracklet_id": False, "timestamp": False}
 
@@ -216,11 +216,14 @@ def _thumbnail_url(request: Request, tracklet_id: str) -> str:
     return f"{root}/v1/tracklets/{quote(tracklet_id, safe='')}/thumbnail"
 
 
-def _match(request: Request, hit: Hit, similarity: float | None) -> schemas.Match:
+def _match(
+    request: Request, hit: Hit, similarity: float | None, probability: float | None = None
+) -> schemas.Match:
     return schemas.Match(
         rank=hit.rank, tracklet_id=hit.tracklet_id, score=float(hit.score), similarity=similarity,
         modality=Modality(hit.modality).label, camid=hit.camid, camera=hit.camera, pid=hit.pid,
-        timestamp=hit.timestamp, thumbnail_url=_thumbnail_url(request, hit.tracklet_id),
+        timestamp=hit.timestamp, probability=probability,
+        thumbnail_url=_thumbnail_url(request, hit.tracklet_id),
     )
 
 
@@ -245,8 +248,11 @@ def _query_response(
     return schemas.QueryResponse(
         request_id=getattr(request.state, "request_id", None),
         matches=[
-            _match(request, hit, similarity)
-            for hit, similarity in zip(result.hits, result.similarities, strict=True)
+            _match(request, hit, similarity, probability)
+            for hit, similarity, probability in zip(
+                result.hits, result.similarities,
+                result.probabilities or [None] * len(result.hits), strict=True,
+            )
         ],
         query=schemas.QueryInfo(
             modality=spec.modality.label, gallery_modality=result.gallery_modality.label,
@@ -285,6 +291,16 @@ def query(
     ] = "true",
     camera: CameraFilterField = None,
     camid: CamidField = None,
+    rerank: Annotated[
+        schemas.BoolInput,
+        Form(description="true: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) of the "
+                         "top-100 shortlist before top_k is cut"),
+    ] = "false",
+    min_probability: Annotated[
+        float | None,
+        Form(gt=0.0, lt=1.0, description="drop matches whose calibrated probability is lower "
+                                         "(needs `vvireid-train calibrate` for this model)"),
+    ] = None,
 ) -> schemas.QueryResponse:
     """Find the gallery tracklets closest to the uploaded frames.
 
@@ -297,7 +313,8 @@ def query(
         raise InvalidFieldError(f"top_k: at most {settings.max_top_k}, got {top_k}", part="top_k")
     spec = QuerySpec(
         modality=_parse_modality(modality), top_k=top_k, cross_modal=cross_modal == "true",
-        cameras=_parse_cameras(camera), camid=camid,
+        cameras=_parse_cameras(camera), camid=camid, rerank=rerank == "true",
+        min_probability=min_probability,
     )
     result = engine.query(_read_frames(frames), spec)
     return _query_response(request, engine, spec, result)

@@ -42,6 +42,11 @@ class Match(BaseModel):
     camera: str | None = None
     pid: int | None = Field(None, description="identity, when the gallery knows it")
     timestamp: float | None = None
+    probability: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="calibrated probability that this is the query's person (even prior odds); "
+        "null when the model has no calibration (`vvireid-train calibrate`)",
+    )
     thumbnail_url: str
 
 
@@ -52,6 +57,8 @@ class Timings(BaseModel):
     queue: float = Field(description="wait for the batch worker")
     encode: float
     search: float
+    refine: float = Field(0.0, description="re-ranking and calibrated probabilities, in the "
+                          "request thread")
     total: float = Field(description="from the request's arrival to the response")
 
 

@@ -31,7 +31,7 @@ def test_query_ranks_gallery_by_score_and_respects_top_k(client, tiny_gallery: T
     assert body["matches"][0]["tracklet_id"] == probe.tracklet_id  # its own frames come first
     assert body["query"]["frames"] == 6
     assert body["model_fingerprint"] == body["index_fingerprint"]
-    assert set(body["timings_ms"]) == {"decode", "queue", "encode", "search", "total"}
+    assert set(body["timings_ms"]) == {"decode", "queue", "encode", "search", "refine", "total"}
     assert body["timings_ms"]["total"] >= body["timings_ms"]["encode"]
 
     two = query(client, probe, cross_modal="false", top_k=2).json()["matches"]
