@@ -540,6 +540,26 @@ class GalleryIndex:
             memory = self._mem
             return [memory.items[i].tracklet_id for i in sorted(memory.items)]
 
+    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of ``tracklet_ids`` in that order, float32 [N, D], read from the
+        database (exact for every index type; re-ranking and merges read a shortlist's).
+
+        Raises:
+            KeyError: naming the ids that are not in the index.
+        """
+        memory = self._mem
+        missing = [t for t in tracklet_ids if t not in memory.id_of]
+        if missing:
+            raise KeyError(f"{self.path}: tracklets not in the index: {missing[:5]}")
+        ids = np.asarray([memory.id_of[t] for t in tracklet_ids], dtype=np.int64)
+        if not len(ids):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        found = self._fetch_exact(ids)
+        gone = [t for t, i in zip(tracklet_ids, ids.tolist(), strict=True) if i not in found]
+        if gone:  # removed by a commit this process has not applied yet
+            raise KeyError(f"{self.path}: tracklets not in the index: {gone[:5]}")
+        return np.stack([found[i] for i in ids.tolist()]).astype(np.float32)
+
     def thumbnail(self, tracklet_id: str) -> bytes | None:
         """The tracklet's JPEG thumbnail, None when absent (unknown id or built without).
 

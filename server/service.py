@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from vvireid.indexer.api import SearchOptions, refine_hits
-from vvireid.indexer.calibration import Calibration, find_calibration
 from vvireid.indexer.encode import TrackletEncoder, make_thumbnail, thumbnail_frame
-from vvireid.indexer.gallery import open_gallery
+from vvireid.indexer.gallery import GalleryUnavailableError, open_gallery
 from vvireid.indexer.store import (
     GalleryBusyError,
     GalleryIndex,
     GalleryItem,
+    GalleryWriteError,
     Hit,
     TrackletExistsError,
 )
@@ -147,17 +146,10 @@ class QuerySpec:
     cross_modal: bool = True
     cameras: tuple[int, ...] | None = None
     camid: int | None = None
-    rerank: bool = False  # k-reciprocal re-ranking of the shortlist (vvireid.indexer.rerank)
-    min_probability: float | None = None  # drop matches the calibration rates lower
 
     @property
     def gallery_modality(self) -> Modality:
         return self.modality.other if self.cross_modal else self.modality
-
-    @property
-    def options(self) -> SearchOptions:
-        return SearchOptions(top_k=self.top_k, rerank=self.rerank,
-                             min_probability=self.min_probability)
 
 
 @dataclass(frozen=True)
@@ -170,7 +162,6 @@ class QueryResult:
     timings_ms: dict[str, float]
     batch_size: int
     similarities: list[float | None] = field(default_factory=list)
-    probabilities: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -296,7 +287,6 @@ class QueryEngine:
         self.model = model
         self.encoder = encoder
         self.index = index
-        self.calibration: Calibration | None = None  # set by load() from the checkpoint's
         self.max_frames = settings.max_frames
         self.max_image_pixels = settings.max_image_pixels
         self.max_request_pixels = settings.max_request_pixels
@@ -348,7 +338,6 @@ class QueryEngine:
             expected_dim=encoder.dim, device=device,
         )
         engine = cls(model, encoder, index, settings=settings, on_batch=on_batch)
-        engine.calibration = find_calibration(checkpoint, model.fingerprint)
         engine.warm_up()
         engine.start()
         log.info(
@@ -512,7 +501,6 @@ class QueryEngine:
         """Rank gallery tracklets for one query tracklet."""
         started = time.perf_counter()
         self.check_camid(spec.camid)
-        self._check_options(spec)
         with self._preparing_request():
             clips, _ = self.prepare(frames)
             decode_s = time.perf_counter() - started
@@ -525,40 +513,14 @@ class QueryEngine:
             "search": outcome.search_s * 1000.0,
         }
         assert outcome.hits is not None
-        refine_started = time.perf_counter()
-        hits, probabilities = self._refine(outcome.feat, outcome.hits, spec)
-        timings["refine"] = (time.perf_counter() - refine_started) * 1000.0
         return QueryResult(
-            hits=hits,
-            probabilities=probabilities,
+            hits=outcome.hits,
             gallery_modality=spec.gallery_modality,
             num_frames=len(frames),
             timings_ms=timings,
             batch_size=outcome.batch_size,
-            similarities=self._similarities(hits),
+            similarities=self._similarities(outcome.hits),
         )
-
-    def _check_options(self, spec: QuerySpec) -> None:
-        if spec.min_probability is not None and self.calibration is None:
-            raise InvalidFieldError(
-                "min_probability: this model has no calibration; run `vvireid-train calibrate "
-                "--checkpoint C --data-root D` (it writes <checkpoint>.calibration.json) and "
-                "restart the server", part="min_probability")
-        if spec.rerank and not hasattr(self.index, "vectors"):
-            raise InvalidFieldError(
-                "rerank: this gallery backend cannot return its vectors", part="rerank")
-
-    def _refine(
-        self, feat: np.ndarray, hits: list[Hit], spec: QuerySpec
-    ) -> tuple[list[Hit], list[float | None]]:
-        """Re-ranking, probabilities and ``min_probability`` (in the request's thread)."""
-        matches = refine_hits(self.index, feat, hits, spec.options, self.calibration)
-        kept = [
-            Hit(m.rank, m.tracklet_id, m.score, m.modality, m.camid, m.camera, m.pid,
-                m.timestamp)
-            for m in matches
-        ]
-        return kept, [m.probability for m in matches]
 
     def _similarities(self, hits: Sequence[Hit]) -> list[float | None]:
         """Cosine similarity per hit, in [-1, 1]: the score itself for cosine indexes.
@@ -602,6 +564,8 @@ class QueryEngine:
             ) from None
         except GalleryBusyError as exc:
             raise OverloadedError(str(exc), retry_after_s=2) from None
+        except GalleryWriteError as exc:  # disk full, read-only: nothing changed, retry later
+            raise GalleryUnavailableError(str(exc)) from None
         self._own_writes += 1
         log.info("added tracklet %s (%s, camid %d)", tracklet_id, modality.label, camid)
         return item
@@ -614,6 +578,8 @@ class QueryEngine:
             raise UnknownTrackletError(f"no tracklet {tracklet_id!r} in the gallery") from None
         except GalleryBusyError as exc:
             raise OverloadedError(str(exc), retry_after_s=2) from None
+        except GalleryWriteError as exc:  # disk full, read-only: nothing changed, retry later
+            raise GalleryUnavailableError(str(exc)) from None
         self._own_writes += 1
         log.info("removed tracklet %s", tracklet_id)
 
@@ -697,13 +663,13 @@ class QueryEngine:
         search_s: dict[int, float] = {}
         for (modality, cameras), rows in groups.items():
             t0 = time.perf_counter()
-            k = max(jobs[i].search.options.fetch_k for i in rows)
+            k = max(jobs[i].search.top_k for i in rows)
             found = self.index.search(
                 feats[rows], k, modality=modality, camids=list(cameras) if cameras else None
             )
             elapsed = time.perf_counter() - t0
             for i, row_hits in zip(rows, found, strict=True):
-                hits[i] = row_hits[: jobs[i].search.options.fetch_k]
+                hits[i] = row_hits[: jobs[i].search.top_k]
                 search_s[i] = elapsed
         return [
             _Outcome(
