@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from vvireid.indexer.api import SearchOptions, refine_hits
+from vvireid.indexer.calibration import Calibration, find_calibration
 from vvireid.indexer.encode import TrackletEncoder, make_thumbnail, thumbnail_frame
 from vvireid.indexer.gallery import GalleryUnavailableError, open_gallery
 from vvireid.indexer.store import (
@@ -146,10 +148,17 @@ class QuerySpec:
     cross_modal: bool = True
     cameras: tuple[int, ...] | None = None
     camid: int | None = None
+    rerank: bool = False  # k-reciprocal re-ranking of the shortlist (vvireid.indexer.rerank)
+    min_probability: float | None = None  # drop matches the calibration rates lower
 
     @property
     def gallery_modality(self) -> Modality:
         return self.modality.other if self.cross_modal else self.modality
+
+    @property
+    def options(self) -> SearchOptions:
+        return SearchOptions(top_k=self.top_k, rerank=self.rerank,
+                             min_probability=self.min_probability)
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class QueryResult:
     timings_ms: dict[str, float]
     batch_size: int
     similarities: list[float | None] = field(default_factory=list)
+    probabilities: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,7 @@ class QueryEngine:
         self.model = model
         self.encoder = encoder
         self.index = index
+        self.calibration: Calibration | None = None  # set by load() from the checkpoint's
         self.max_frames = settings.max_frames
         self.max_image_pixels = settings.max_image_pixels
         self.max_request_pixels = settings.max_request_pixels
@@ -338,6 +349,7 @@ class QueryEngine:
             expected_dim=encoder.dim, device=device,
         )
         engine = cls(model, encoder, index, settings=settings, on_batch=on_batch)
+        engine.calibration = find_calibration(checkpoint, model.fingerprint)
         engine.warm_up()
         engine.start()
         log.info(
@@ -501,6 +513,7 @@ class QueryEngine:
         """Rank gallery tracklets for one query tracklet."""
         started = time.perf_counter()
         self.check_camid(spec.camid)
+        self._check_options(spec)
         with self._preparing_request():
             clips, _ = self.prepare(frames)
             decode_s = time.perf_counter() - started
@@ -513,14 +526,40 @@ class QueryEngine:
             "search": outcome.search_s * 1000.0,
         }
         assert outcome.hits is not None
+        refine_started = time.perf_counter()
+        hits, probabilities = self._refine(outcome.feat, outcome.hits, spec)
+        timings["refine"] = (time.perf_counter() - refine_started) * 1000.0
         return QueryResult(
-            hits=outcome.hits,
+            hits=hits,
+            probabilities=probabilities,
             gallery_modality=spec.gallery_modality,
             num_frames=len(frames),
             timings_ms=timings,
             batch_size=outcome.batch_size,
-            similarities=self._similarities(outcome.hits),
+            similarities=self._similarities(hits),
         )
+
+    def _check_options(self, spec: QuerySpec) -> None:
+        if spec.min_probability is not None and self.calibration is None:
+            raise InvalidFieldError(
+                "min_probability: this model has no calibration; run `vvireid-train calibrate "
+                "--checkpoint C --data-root D` (it writes <checkpoint>.calibration.json) and "
+                "restart the server", part="min_probability")
+        if spec.rerank and not hasattr(self.index, "vectors"):
+            raise InvalidFieldError(
+                "rerank: this gallery backend cannot return its vectors", part="rerank")
+
+    def _refine(
+        self, feat: np.ndarray, hits: list[Hit], spec: QuerySpec
+    ) -> tuple[list[Hit], list[float | None]]:
+        """Re-ranking, probabilities and ``min_probability`` (in the request's thread)."""
+        matches = refine_hits(self.index, feat, hits, spec.options, self.calibration)
+        kept = [
+            Hit(m.rank, m.tracklet_id, m.score, m.modality, m.camid, m.camera, m.pid,
+                m.timestamp)
+            for m in matches
+        ]
+        return kept, [m.probability for m in matches]
 
     def _similarities(self, hits: Sequence[Hit]) -> list[float | None]:
         """Cosine similarity per hit, in [-1, 1]: the score itself for cosine indexes.
@@ -663,13 +702,13 @@ class QueryEngine:
         search_s: dict[int, float] = {}
         for (modality, cameras), rows in groups.items():
             t0 = time.perf_counter()
-            k = max(jobs[i].search.top_k for i in rows)
+            k = max(jobs[i].search.options.fetch_k for i in rows)
             found = self.index.search(
                 feats[rows], k, modality=modality, camids=list(cameras) if cameras else None
             )
             elapsed = time.perf_counter() - t0
             for i, row_hits in zip(rows, found, strict=True):
-                hits[i] = row_hits[: jobs[i].search.top_k]
+                hits[i] = row_hits[: jobs[i].search.options.fetch_k]
                 search_s[i] = elapsed
         return [
             _Outcome(
