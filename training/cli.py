@@ -1,6 +1,6 @@
-"""``vvireid-train``: train (``fit``), evaluate a checkpoint (``eval``) and check/synthesize data.
+"""vvireid-train: train (fit), evaluate a checkpoint (eval), calibrate scores, check/synthesize data.
 
-Examples::
+Examples:
 
     vvireid-train fit --config vld_hitsz_vcm --data-root /data/HITSZ-VCM --out runs/vld \\
         --pretrained ViT-B-16.pt
@@ -9,13 +9,14 @@ Examples::
     vvireid-train eval --checkpoint runs/vld/model.safetensors --data-root /data/HITSZ-VCM
     vvireid-train data synth --format hitsz-vcm --out /tmp/vcm-synth
 
-User errors (missing data, a bad config key, an unusable checkpoint) print one ``error:`` line
-on stderr and exit with status 2; ``--verbose`` adds the traceback.
+User errors (missing data, a bad config key, an unusable checkpoint) print one "error:" line
+on stderr and exit with status 2; --verbose adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -28,14 +29,24 @@ log = logging.getLogger(__name__)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DATA_ROOT_ENV = "VVIREID_DATA_ROOT"
+# Top-level modules only the `train` extra installs (pyproject.toml).
+TRAIN_EXTRA_MODULES = frozenset({"yaml", "tensorboard"})
+DEVICE_HELP = "auto (CUDA when available, default), cpu, cuda or cuda:N"
+WORKERS_HELP = "frame-decoding worker processes (0 decodes in the main process; default 2)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with ``fit``, ``eval`` and ``data`` subcommands."""
     from vvireid.training.data.cli import add_data_parser
 
-    parser = argparse.ArgumentParser(prog="vvireid-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vvireid-train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('vvireid')}",
+                        help="print the installed vvireid version and exit")
     commands = parser.add_subparsers(dest="command", metavar="{fit,eval,calibrate,data}")
     commands.required = True
     _add_fit(commands)
@@ -46,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fit(commands: Any) -> None:
-    fit = commands.add_parser("fit", help="train a model from a recipe")
+    from vvireid.training.config import available_configs
+
+    recipes = ", ".join(available_configs())
+    fit = commands.add_parser(
+        "fit", help="train a model from a recipe",
+        description="Train a model from a recipe.",
+        epilog=f"recipes (training/configs, or any YAML file of the same shape): {recipes}",
+    )
     fit.add_argument("--config", help="recipe name (e.g. vld_hitsz_vcm, smoke) or YAML path; "
                      "optional with --resume (the run's saved config is used)")
     fit.add_argument("--data-root", help=f"dataset folder (default: ${DATA_ROOT_ENV})")
@@ -61,7 +79,7 @@ def _add_fit(commands: Any) -> None:
                      "ir_to_vis R1; X-ReID: best R1+mAP of both directions over its 4 feature "
                      "variants): test-set model selection, named in the report. Default: final "
                      "epoch")
-    fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    fit.add_argument("--device", default="auto", help=DEVICE_HELP)
     fit.set_defaults(func=run_fit)
 
 
@@ -76,9 +94,11 @@ def _add_eval(commands: Any) -> None:
     ev.add_argument("--dense", action="store_true",
                     help="average all consecutive clips of each tracklet (X-ReID eval_all)")
     ev.add_argument("--test-sampling", help="override the dataset's test frame rule")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--num-workers", type=int, default=2)
-    ev.add_argument("--max-rank", type=int, default=20)
+    ev.add_argument("--batch-size", type=int, default=32,
+                    help="tracklets per model call (default 32)")
+    ev.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
+    ev.add_argument("--max-rank", type=int, default=20,
+                    help="longest CMC curve reported, R1..R<max-rank> (default 20)")
     ev.add_argument("--drop-last-rgb-batch", action="store_true",
                     help="BUPTCampus: reproduce the official loader's RGB drop")
     ev.add_argument("--rerank", action="store_true",
@@ -90,7 +110,7 @@ def _add_eval(commands: Any) -> None:
                     help="rank-list queries: worst | best | random | a comma list of query "
                     "tracklet ids (default worst: failures first)")
     ev.add_argument("--vis-num", type=int, default=4, help="rank-list queries per direction")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.set_defaults(func=run_eval)
 
 
@@ -107,9 +127,10 @@ def _add_calibrate(commands: Any) -> None:
     cal.add_argument("--prior", type=float, default=0.5,
                      help="prior probability of a same-identity pair (default 0.5: even odds)")
     cal.add_argument("--out", help="calibration JSON path (default: <checkpoint>.calibration.json)")
-    cal.add_argument("--batch-size", type=int, default=32)
-    cal.add_argument("--num-workers", type=int, default=2)
-    cal.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cal.add_argument("--batch-size", type=int, default=32,
+                     help="tracklets per model call (default 32)")
+    cal.add_argument("--workers", type=int, default=2, help=WORKERS_HELP)
+    cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     cal.set_defaults(func=run_calibrate)
 
 
@@ -243,7 +264,7 @@ def run_eval(args: argparse.Namespace) -> int:
     rule = args.test_sampling or splits.test_sampling
     rerank = RerankParams(shortlist=args.rerank_shortlist) if args.rerank else None
     results = evaluate_model(model, splits, device=device, test_sampling=rule, dense=args.dense,
-                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             batch_size=args.batch_size, num_workers=args.workers,
                              max_rank=args.max_rank, rerank=rerank)
     if not results:
         raise UsageError(f"{data_root}: the dataset has no query/gallery pairs to evaluate")
@@ -281,7 +302,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"{checkpoint}: does not record its dataset format; pass --format")
     summary = calibrate_checkpoint(checkpoint, _data_root(args.data_root), fmt, split=args.split,
                                    device=resolve_device(args.device), prior=args.prior,
-                                   batch_size=args.batch_size, num_workers=args.num_workers,
+                                   batch_size=args.batch_size, num_workers=args.workers,
                                    out=args.out)
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -301,7 +322,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``vvireid-train``; returns the exit status."""
+    """Entry point of ``vvireid-train``; returns the exit status.
+
+    An install without the ``train`` extra (the serving image, ``pip install 'vvireid[serve]'``)
+    still has this command: it then says which extra to install instead of a traceback.
+    """
+    try:
+        return _run(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        sys.stderr.write(f"error: vvireid-train needs the training dependencies (module {exc.name} "
+                         "is missing): pip install 'vvireid[train]'\n")
+        return EXIT_USAGE
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -32,7 +32,7 @@ def _pixels(path: Path, colour: tuple[int, int, int]) -> int:
 def test_eval_cli_prints_report_and_draws_pictures(vcm, checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["eval", "--checkpoint", str(checkpoint), "--data-root", str(vcm), "--out", str(out),
-               "--num-workers", "0", "--device", "cpu"])
+               "--workers", "0", "--device", "cpu"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["directions"]) == {"ir_to_vis", "vis_to_ir"}
@@ -55,7 +55,7 @@ def test_eval_cli_prints_report_and_draws_pictures(vcm, checkpoint, tmp_path, ca
 
 def test_eval_cli_dense_and_default_out_folder(vcm, checkpoint, capsys):
     rc = main(["eval", "--checkpoint", str(checkpoint), "--data-root", str(vcm), "--dense",
-               "--num-workers", "0", "--device", "cpu"])
+               "--workers", "0", "--device", "cpu"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert any("dense" in note for note in report["protocol"])

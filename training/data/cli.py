@@ -120,7 +120,8 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     synth.add_argument("--format", required=True, choices=FORMATS, help="on-disk format")
     synth.add_argument("--ids", type=int, default=40, help="identities (half train, half test)")
     synth.add_argument("--cameras", type=int, default=4, help="cameras per modality")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0,
+                       help="random seed: the same seed writes the same dataset (default 0)")
     synth.add_argument(
         "--frames", type=parse_frames, default=(12, 16), help="frames per tracklet: MIN-MAX or N"
     )
