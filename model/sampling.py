@@ -88,7 +88,7 @@ _TRAIN: dict[str, Callable[[int, int, np.random.Generator], list[list[int]]]] = 
 }
 
 
-def sample_test(n: int, seq_len: int, rule: str = "rrs_test") -> list[list[int]]:
+def sample_test(n: int, seq_len: int, rule: str) -> list[list[int]]:
     """Apply a named test-time rule. Raises ValueError listing the known rules."""
     if rule not in _TEST:
         raise ValueError(f"unknown test frame sampling {rule!r}; known: {', '.join(_TEST)}")

@@ -19,6 +19,7 @@ from vvireid.indexer.sources.splits import (
     cross_modal_directions,
     relabel_map,
 )
+from vvireid.model.config import model_default
 from vvireid.model.types import Tracklet
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ def _manifest_path(path: Path) -> Path:
 
 
 def load_manifest_dataset(
-    path: str | Path, *, filter_same_camera: bool = False, test_sampling: str = "rrs_test"
+    path: str | Path,
+    *,
+    filter_same_camera: bool = False,
+    test_sampling: str = model_default("test_sampling"),
 ) -> DatasetSplits:
     """Build train/query/gallery splits from a manifest file (or a folder holding manifest.jsonl).
 
@@ -40,7 +44,8 @@ def load_manifest_dataset(
         filter_same_camera: evaluate with the VCM rule (drop gallery items with the query's pid and
             camid). Off by default, the BUPTCampus rule; turn it on when the same camera records
             both modalities of a person at once, where same-camera matches are too easy.
-        test_sampling: the frame rule for evaluation (``vvireid.model.sampling``).
+        test_sampling: the frame rule for evaluation (``vvireid.model.sampling``); by default the
+            model's own default rule (``ModelConfig.test_sampling``).
 
     Raises:
         ManifestError: malformed manifest lines (all of them).
