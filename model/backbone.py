@@ -173,8 +173,8 @@ class ClipBackbone(nn.Module):
 
     def __init__(
         self,
-        name: str = "ViT-B-16",
-        image_size: tuple[int, int] = (288, 144),
+        name: str,
+        image_size: tuple[int, int],
         *,
         with_text: bool = False,
     ) -> None:
