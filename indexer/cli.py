@@ -85,6 +85,18 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] for encoding")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per model call")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="weights' dtype for encoding: auto is bf16 on CUDA, fp32 on the CPU",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model over static batch sizes (default: on CUDA only)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="frame-decoding threads")
     parser.add_argument(
         "--max-failures",
@@ -254,6 +266,8 @@ def _encoder(args: argparse.Namespace) -> Any:
         device=args.device,
         batch_size=args.batch_size,
         num_workers=getattr(args, "workers", None),
+        dtype=getattr(args, "dtype", "auto"),
+        compile=getattr(args, "compile", None),
     )
 
 

@@ -10,7 +10,6 @@ test-time frame sampling), the model's ``encode``, the clip average and the norm
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 from vvireid.model.base import ReIDModel
 from vvireid.model.device import resolve_device
-from vvireid.model.inference import parse_dtype
+from vvireid.model.inference import InferenceModel, buckets_up_to, parse_dtype
 from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
 from vvireid.model.types import Modality, Tracklet
 
@@ -122,9 +121,14 @@ class TrackletEncoder:
     Args:
         model: a ``ReIDModel`` (from ``load_checkpoint``), moved to ``device`` in eval mode.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``.
-        batch_size: clips per model call.
-        dtype: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
+        batch_size: clips per model call (the largest batch bucket).
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``: the dtype the
+            weights are *stored* in (cast in place, see :class:`~model.inference.InferenceModel`).
         num_workers: decoding threads for :meth:`encode_tracklets` (default: min(4, cores)).
+        compile: ``torch.compile`` the model over static batch buckets (default: on CUDA only;
+            compiling on a CPU costs minutes for little gain). Call :meth:`warm_up` before
+            serving so that no compilation happens on a request.
+        buckets: the static batch sizes (default: powers of two up to ``batch_size``).
     """
 
     def __init__(
@@ -135,13 +139,20 @@ class TrackletEncoder:
         batch_size: int = 16,
         dtype: str = "auto",
         num_workers: int | None = None,
+        compile: bool | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = parse_dtype(dtype, self.device)
-        self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
+        self.runner = InferenceModel(
+            model, self.device, dtype=self.dtype,
+            compile=self.device.type == "cuda" if compile is None else compile,
+            buckets=buckets or buckets_up_to(self.batch_size), normalize=False,
+        )
+        self.model = self.runner.model
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)
         self.preprocessor = FramePreprocessor(model.preprocess)
         self.similarity: str = model.similarity
@@ -204,21 +215,20 @@ class TrackletEncoder:
         return means.numpy().astype(np.float32, copy=False)
 
     def _run(self, clips: torch.Tensor, camids: list[int] | None) -> torch.Tensor:
-        """Model calls over ``clips`` in chunks of ``batch_size``; returns fp32 CPU feats [B, D]."""
-        out = []
-        for start in range(0, len(clips), self.batch_size):
-            batch = clips[start : start + self.batch_size].to(self.device, non_blocking=True)
-            cam = None
-            if camids is not None:
-                cam = torch.tensor(camids[start : start + self.batch_size], device=self.device)
-            with self._autocast():
-                out.append(self.model.encode(batch, cam, normalize=False).float().cpu())
-        return torch.cat(out)
+        """Un-normalised clip features, fp32 on the CPU [B, D], in bucket-sized model calls."""
+        cams = None if camids is None else torch.tensor(camids, dtype=torch.long)
+        return self.runner.encode(clips, cams)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+    def warm_up(self) -> float:
+        """Run (and, when compiled, compile) every batch bucket now; returns the seconds spent.
+
+        Cameras are passed when the model has a camera table (X-ReID), as every real call will.
+        """
+        return self.runner.warm_up(with_camids=int(self.model.config.num_cameras) > 0)
+
+    def close(self) -> None:
+        """Release the inference thread of a compiled CUDA encoder (a no-op otherwise)."""
+        self.runner.close()
 
     def encode_frames(self, frames: Sequence[FrameSource], camid: int | None = None) -> np.ndarray:
         """One tracklet's frames -> its vector [D] (float32)."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from vvireid.model.base import ReIDModel
@@ -45,6 +46,20 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def buckets_up_to(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, then ``max_batch`` itself: the serving buckets.
+
+    A batch never pads to more than twice its size (less than 2x wasted work), and the largest
+    bucket is the caller's own batch limit, so a full micro-batch runs unpadded.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    buckets = [1]
+    while buckets[-1] * 2 < max_batch:
+        buckets.append(buckets[-1] * 2)
+    return tuple(sorted({*buckets, max_batch}))
+
+
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds ``size`` clips (the largest bucket when none does)."""
     for bucket in buckets:
@@ -63,8 +78,16 @@ class InferenceModel:
         dtype: the weights' and activations' dtype (see :func:`parse_dtype`).
         compile: wrap the model's ``encode`` in ``torch.compile`` (``reduce-overhead`` on CUDA:
             CUDA graphs per bucket). Off by default on CPU, where compiling costs minutes.
-        buckets: the static batch sizes; batches are padded up to the next one and larger batches
-            are cut into chunks of the largest.
+        buckets: the static batch sizes; larger batches are cut into chunks of the largest.
+        pad: pad every chunk up to its bucket (default: only when compiled, where static shapes
+            are what avoids recompiling; eager code gains nothing from padding).
+        normalize: apply the model's similarity normalisation (``encode(normalize=...)``); the
+            tracklet encoder asks for un-normalised clip features and averages them itself.
+
+    Thread model: CUDA graph trees (``reduce-overhead``) are recorded per thread, so a graph
+    warmed in the main thread would be recorded again by the server's batch worker on its first
+    request. When compiled on CUDA every model call therefore runs on this object's own single
+    thread, whichever thread calls :meth:`encode`.
     """
 
     def __init__(
@@ -75,6 +98,8 @@ class InferenceModel:
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
+        pad: bool | None = None,
+        normalize: bool = True,
     ) -> None:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
@@ -85,10 +110,32 @@ class InferenceModel:
         self.dtype = dtype
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         self.compiled = compile
-        self._encode = self.model.encode
+        self.pad = compile if pad is None else pad
+        self.normalize = normalize
+        self._encode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = self._forward
+        self._thread: ThreadPoolExecutor | None = None
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self._encode = torch.compile(self.model.encode, mode=mode, dynamic=False)
+            _allow_recompiles(len(self.buckets))
+            self._encode = torch.compile(self._forward, mode=mode, dynamic=False)
+            if device.type == "cuda":
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="vvireid-inference")
+
+    def _forward(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        """``ReIDModel.encode`` minus its checks and train/eval toggling (done once, outside).
+
+        Compiled as it stands: shape checks and ``Module.train`` calls would break the graph.
+        """
+        feats = self.model._encode(clips, camids)
+        if self.normalize and self.model.similarity == "cosine":
+            feats = torch.nn.functional.normalize(feats, dim=1)
+        return feats
+
+    def close(self) -> None:
+        """Stop the inference thread (if any); the object must not be used afterwards."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     @property
     def max_batch(self) -> int:
@@ -99,7 +146,32 @@ class InferenceModel:
         """Features of ``clips`` as fp32 on the CPU, computed in bucket-sized model calls.
 
         Shape: clips [B, T, 3, H, W] (any dtype, any device), camids [B] or None -> [B, D].
+
+        Raises:
+            ValueError: clips of the wrong shape for this model, or camids of another length.
         """
+        self.model.check_clips(clips)
+        if camids is not None and len(camids) != len(clips):
+            raise ValueError(f"{len(clips)} clips but {len(camids)} camids")
+        camids = self._canonical_camids(camids, len(clips))
+        if self._thread is not None:
+            return self._thread.submit(self._encode_chunks, clips, camids).result()
+        return self._encode_chunks(clips, camids)
+
+    def _canonical_camids(self, camids: torch.Tensor | None, size: int) -> torch.Tensor | None:
+        """One input signature per model, so a compiled graph never meets a second one.
+
+        A model without a camera table ignores camids (passed as None, as the ONNX export does);
+        one with a table gets -1 (unknown camera) for None, which its encode treats the same way.
+        """
+        if int(self.model.config.num_cameras) == 0:
+            return None
+        if camids is None:
+            return torch.full((size,), -1, dtype=torch.long)
+        return torch.as_tensor(camids, dtype=torch.long)
+
+    @torch.no_grad()
+    def _encode_chunks(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         out = []
         for start in range(0, len(clips), self.max_batch):
             chunk = clips[start : start + self.max_batch]
@@ -111,7 +183,7 @@ class InferenceModel:
 
     def _run_bucket(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         size = len(clips)
-        bucket = bucket_for(size, self.buckets)
+        bucket = bucket_for(size, self.buckets) if self.pad else size
         clips = clips.to(self.device, dtype=self.dtype, non_blocking=True)
         if bucket > size:
             pad = clips[:1].expand(bucket - size, *clips.shape[1:])
@@ -123,11 +195,17 @@ class InferenceModel:
         feats = self._encode(clips, camids)
         return feats[:size].float().cpu()
 
-    def warm_up(self, with_camids: bool) -> float:
-        """Run every bucket once (compiling it when ``compile`` is on); returns the seconds spent."""
+    def warm_up(self, with_camids: bool = True) -> float:
+        """Run every bucket once (compiling it when ``compile`` is on); returns the seconds spent.
+
+        ``with_camids`` is kept for callers; camids are canonicalised per model (see
+        ``_canonical_camids``), so warm-up and requests always share one signature.
+        Without padding the model sees any batch size, so one small call (first-call allocations
+        and kernel selection) is all that warming can do.
+        """
         started = time.perf_counter()
         height, width = self.model.config.image_size
-        for bucket in self.buckets:
+        for bucket in self.buckets if self.pad else self.buckets[:1]:
             clips = torch.zeros(bucket, self.model.seq_len, 3, height, width)
             camids = torch.zeros(bucket, dtype=torch.long) if with_camids else None
             self.encode(clips, camids)
@@ -139,3 +217,11 @@ class InferenceModel:
             str(self.dtype).replace("torch.", ""), ", compiled" if self.compiled else "", seconds,
         )
         return seconds
+
+
+def _allow_recompiles(shapes: int) -> None:
+    """Let dynamo keep one compiled graph per bucket (its default limit is 8 per function)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), shapes + 2))

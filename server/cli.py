@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", help=help_of("host"))
     add("--port", type=int, help=help_of("port"))
     add("--device", help=help_of("device"))
+    add("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help=help_of("dtype"))
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help=help_of("compile"))
     add("--api-key-file", type=Path, help=help_of("api_key_file"))
     add("--max-frames", type=int, help=help_of("max_frames"))
     add("--max-top-k", type=int, help=help_of("max_top_k"))

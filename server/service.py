@@ -341,7 +341,10 @@ class QueryEngine:
         model = load_checkpoint(checkpoint)
         settings = settings or ServerSettings()
         device = settings.device
-        encoder = TrackletEncoder(model, device=device, batch_size=settings.max_batch)
+        encoder = TrackletEncoder(
+            model, device=device, batch_size=settings.max_batch, dtype=settings.dtype,
+            compile=settings.compile,
+        )
         # The backend (FAISS folder or Milvus collection) comes from the settings; a Milvus
         # server that cannot be reached raises GalleryUnavailableError naming its URI.
         index = open_gallery(
@@ -373,10 +376,12 @@ class QueryEngine:
         self.index.close()
 
     def warm_up(self) -> None:
-        """One model call on a blank clip, so the first user request does not pay for it."""
-        height, width = self.model.config.image_size
-        clip = torch.zeros(1, self.model.seq_len, 3, height, width)
-        self.encoder.encode_prepared([clip], [0 if self.num_cameras else None])
+        """Run every batch bucket once (compiling each when compiled) before any request.
+
+        A compiled encoder pads each micro-batch to one of its buckets, so after this no request
+        ever triggers a compilation.
+        """
+        self.encoder.warm_up()
 
     # ----------------------------------------------------------------- properties
     @property

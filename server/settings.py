@@ -47,6 +47,14 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="port (0 picks a free one)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the model weights' dtype: auto is bf16 on CUDA, fp32 on the CPU"
+    )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the model over static batch sizes, all compiled at start "
+        "(default: on CUDA only)",
+    )
     api_key: SecretStr | None = Field(None, description="key for the gallery write endpoints")
     api_key_file: Path | None = Field(None, description="file holding the API key (first line)")
     max_frames: int = Field(64, ge=1, le=1000, description="frames per request")
