@@ -36,6 +36,7 @@ from vvireid.indexer.sources.splits import (
     DatasetError,
     DatasetSplits,
     cross_modal_directions,
+    read_text,
     relabel_map,
 )
 from vvireid.model.types import Modality, Tracklet
@@ -59,15 +60,11 @@ def _find_root(root: Path) -> Path:
 
 
 def _load_paths(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    text = read_text(path, problems)
+    if text is None:
+        return None
     try:
-        with open(path, encoding="utf-8") as stream:
-            paths = json.load(stream)
-    except FileNotFoundError:
-        problems.append(f"{path}: missing file")
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(f"{path}: cannot read ({exc})")
-        return None
+        paths = json.loads(text)
     except json.JSONDecodeError as exc:
         problems.append(f"{path}:{exc.lineno}: json: {exc.msg}")
         return None

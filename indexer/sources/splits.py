@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vvireid.model.types import Direction, Modality, Tracklet
@@ -81,6 +82,21 @@ class DatasetSplits:
             "train_pairs": None if self.train_pairs is None else len(self.train_pairs),
             "splits": parts,
         }
+
+
+def read_text(path: Path, problems: list[str]) -> str | None:
+    """A dataset file's UTF-8 text, or None with the reason added to ``problems``.
+
+    Readers collect every problem of a dataset before raising one :class:`DatasetError`, so a user
+    fixes them all in one pass instead of one per run.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{path}: missing file")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: cannot read ({exc})")
+    return None
 
 
 def describe(tracklets: Iterable[Tracklet]) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from vvireid.indexer.sources.splits import DatasetError, DatasetSplits, relabel_map
+from vvireid.indexer.sources.splits import DatasetError, DatasetSplits, read_text, relabel_map
 from vvireid.model.types import Direction, Modality, Tracklet
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,8 @@ def decode_frame_name(name: str) -> tuple[str, str, str, str]:
 
 
 def _read_lines(path: Path, problems: list[str]) -> list[str] | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        problems.append(f"{path}: missing file")
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(f"{path}: cannot read ({exc})")
+    text = read_text(path, problems)
+    if text is None:
         return None
     lines = text.splitlines()
     while lines and not lines[-1].strip():
