@@ -103,7 +103,7 @@ def _read_items(file: Path) -> list[dict[str, Any]]:
     return records
 
 
-def migrate(path: str | Path, *, synchronous: str = "FULL") -> dict[str, Any]:
+def migrate(path: str | Path) -> dict[str, Any]:
     """Convert the format-1 folder ``path`` in place; returns a summary. See the module docstring.
 
     Raises:

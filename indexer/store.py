@@ -377,7 +377,7 @@ class GalleryIndex:
             if (path / LEGACY_MANIFEST).exists():
                 from vvireid.indexer.legacy import migrate
 
-                migrate(path, synchronous=synchronous)
+                migrate(path)
             else:
                 raise IndexFormatError(
                     f"{path / DB_NAME}: missing; {path} is not a vvireid index (or its build "
@@ -570,21 +570,6 @@ class GalleryIndex:
             return None
         row = self._read("SELECT jpeg FROM thumbnails WHERE id = ?", (internal,))
         return None if not row else bytes(row[0][0])
-
-    def vectors(self, tracklet_ids: Sequence[str]) -> np.ndarray:
-        """The stored vectors of ``tracklet_ids`` in that order, float32 [N, D] (re-ranking).
-
-        Raises:
-            KeyError: naming the ids that are not in the gallery.
-        """
-        id_of = self._mem.id_of
-        missing = [t for t in tracklet_ids if t not in id_of]
-        if missing:
-            raise KeyError(f"{self.path}: tracklets not in the gallery: {missing[:5]}")
-        ids = np.array([id_of[t] for t in tracklet_ids], dtype=np.int64)
-        found = self._fetch_exact(ids)
-        rows = [found[int(i)] for i in ids]
-        return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
 
     def _read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
         """One SELECT on the shared read connection (opened lazily, closed by :meth:`close`)."""

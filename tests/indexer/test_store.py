@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -226,6 +227,13 @@ def test_add_remove_round_trip_persists(tmp_path):
     assert stats["per_modality"]["infrared"]["camera_names"] == {"1": "cam1", "3": "cam3"}
     assert stats["model_fingerprint"] == "fp-a" and stats["dim"] == DIM
     assert stats["thumbnails"] == 39
+
+
+def test_gallery_index_satisfies_the_backend_protocol(tmp_path):
+    from vvireid.indexer.gallery import GalleryBackend
+
+    index = new_index(tmp_path / "idx")
+    assert isinstance(index, GalleryBackend)
 
 
 def test_mismatched_model_is_refused(tmp_path):
