@@ -72,7 +72,22 @@ class FrameLoader:
         return out
 
 
-class TrainClipDataset(Dataset):
+class _TrackletDataset(Dataset):
+    """What both clip datasets share: one item per tracklet, frames read through a FrameLoader."""
+
+    tracklets: list[Tracklet]
+    frames: FrameLoader
+
+    def __len__(self) -> int:
+        return len(self.tracklets)
+
+    @property
+    def bad_frames(self) -> int:
+        """Unreadable frames replaced by a neighbour so far (``on_bad_frame="skip"``)."""
+        return self.frames.bad_frames
+
+
+class TrainClipDataset(_TrackletDataset):
     """Training items: for a key (rgb, ir[, draw]) a visible and an infrared clip of one pid.
 
     Args:
@@ -104,13 +119,6 @@ class TrainClipDataset(Dataset):
         self.transform, self.seq_len, self.sampling = transform, seq_len, sampling
         self.aligned_pairs, self.seed = aligned_pairs, seed
         self.frames = FrameLoader(on_bad_frame)
-
-    def __len__(self) -> int:
-        return len(self.tracklets)
-
-    @property
-    def bad_frames(self) -> int:
-        return self.frames.bad_frames
 
     def _pair(self, key: Sequence[int]) -> tuple[Tracklet, Tracklet, np.random.Generator]:
         rgb_t, ir_t = self.tracklets[key[0]], self.tracklets[key[1]]
@@ -148,7 +156,7 @@ class TrainClipDataset(Dataset):
         }
 
 
-class TestClipDataset(Dataset):
+class TestClipDataset(_TrackletDataset):
     """Evaluation clips of a tracklet list: item i is (clips [C, T, 3, H, W], i).
 
     C is 1 except for the ``dense`` rule; :func:`collate_test` batches variable C.
@@ -166,13 +174,6 @@ class TestClipDataset(Dataset):
         self.tracklets = list(tracklets)
         self.preprocessor = preprocessor
         self.frames = FrameLoader(on_bad_frame)
-
-    def __len__(self) -> int:
-        return len(self.tracklets)
-
-    @property
-    def bad_frames(self) -> int:
-        return self.frames.bad_frames
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         tracklet = self.tracklets[index]
