@@ -78,10 +78,11 @@ def local_rerank(features: np.ndarray, params: RerankParams = RerankParams()) ->
     reciprocal = _reciprocal(rank, params.k1)
     half = _reciprocal(rank, int(np.around(params.k1 / 2.0)))
     # Expansion: add a member's half-size reciprocal set when 2/3 of it is already in the set.
-    overlap = half.astype(np.int64) @ reciprocal.T.astype(np.int64)  # [c, i] = |R_half(c) & R(i)|
+    # Float matmuls (BLAS; exact for counts this small) instead of integer ones (no BLAS).
+    overlap = half.astype(np.float64) @ reciprocal.T.astype(np.float64)  # [c, i] = |Rh(c) & R(i)|
     bound = (2.0 / 3.0) * half.sum(axis=1)
     accepted = reciprocal & np.greater(overlap.T, bound[None, :])
-    expanded = reciprocal | ((accepted.astype(np.int64) @ half.astype(np.int64)) > 0)
+    expanded = reciprocal | ((accepted.astype(np.float64) @ half.astype(np.float64)) > 0)
     weights = np.where(expanded, np.exp(-original), 0.0)
     encoding = weights / weights.sum(axis=1, keepdims=True)
     if params.k2 != 1:
