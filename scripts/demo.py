@@ -5,19 +5,31 @@ Run with ``make demo`` (or ``.venv/bin/python -m scripts.demo``). Every step wri
 reuses the dataset, the model and the index and goes straight to serving. An interrupted training
 run resumes from its last epoch.
 
+The screen shows one line per step and the training progress, then one box once the server
+answers: the page URL (the real port), a ``curl`` query that works as pasted, and the held-out
+metrics next to chance. Everything else (every log record with timestamps, the JSON the commands
+print) goes to ``.demo/demo.log`` and ``.demo/logs/``.
+
 Environment: ``VVIREID_DEMO_DIR`` (default ``.demo``), ``VVIREID_HOST`` (127.0.0.1),
-``VVIREID_PORT`` (8000), ``VVIREID_DEMO_SERVE`` (``0`` stops after indexing).
+``VVIREID_PORT`` (8000; ``0`` picks a free port), ``VVIREID_DEMO_SERVE`` (``0`` stops after
+indexing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shlex
+import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vvireid.indexer.sources import DatasetSplits
@@ -28,10 +40,63 @@ DATASET_FORMAT = "hitsz-vcm"
 DEMO_IDS = 200
 DEMO_CAMERAS = 4
 RECIPE = "demo"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+EXIT_PORT_TAKEN = 2
+EXIT_INTERRUPTED = 130
+QUERY_FRAMES = 6
+RULE = "=" * 78
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says which and where its details are."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _step(title: str) -> None:
     log.info("== %s", title)
+
+
+def _screen_filter(record: logging.LogRecord) -> bool:
+    """The screen gets the demo's own lines and warnings/errors from anywhere, nothing else."""
+    return record.name == log.name or record.levelno >= logging.WARNING
+
+
+def configure_logging(root_dir: Path) -> None:
+    """One screen handler (short lines) and one file handler (everything, timestamped).
+
+    Why the demo installs them before anything else: the training CLI adds its own stderr handler
+    only when none exists, so every record reaches the screen once.
+    """
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    screen = logging.StreamHandler(sys.stderr)
+    screen.setFormatter(logging.Formatter("%(message)s"))
+    screen.addFilter(_screen_filter)
+    root.addHandler(screen)
+    root_dir.mkdir(parents=True, exist_ok=True)
+    detail = logging.FileHandler(root_dir / "demo.log", encoding="utf-8")
+    detail.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(detail)
+    # faiss's loader logs each instruction set it tries (a ModuleNotFoundError for
+    # swigfaiss_avx512 on most CPUs) at INFO: not news for anyone running the demo.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def _run_command(name: str, main: Callable[[list[str]], int], argv: list[str], logs: Path) -> None:
+    """Run a vvireid CLI in-process; the JSON it prints goes to ``logs/<name>.json``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.json", "w", encoding="utf-8") as out, \
+            contextlib.redirect_stdout(out):
+        status = main(argv)
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if status != 0:
+        raise DemoError(f"{name} failed (exit {status}); see the messages above and {logs.parent}"
+                        "/demo.log")
 
 
 def make_dataset(data: Path) -> None:
@@ -51,8 +116,9 @@ def make_dataset(data: Path) -> None:
     partial.rename(data)
 
 
-def train(data: Path, run: Path) -> Path:
+def train(data: Path, run: Path, logs: Path) -> Path:
     """Train the demo recipe (a tiny CLIP ViT) unless its checkpoint exists; resumes if killed."""
+    from vvireid.model.fileio import write_text_atomic
     from vvireid.training.cli import main as train_main
 
     checkpoint = run / "model.safetensors"
@@ -63,27 +129,25 @@ def train(data: Path, run: Path) -> Path:
     argv = ["fit", "--config", RECIPE, "--data-root", str(data), "--out", str(run)]
     if (run / "checkpoints" / "last.pt").is_file():
         argv.append("--resume")
-    if train_main(argv) != 0:
-        raise SystemExit("demo: training failed (see the messages above)")
-    (run / "DONE").write_text("ok\n")
+    _run_command("fit", train_main, argv, logs)
+    write_text_atomic(run / "DONE", "ok\n")
     return checkpoint
 
 
-def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
+def evaluate(checkpoint: Path, data: Path, out: Path, logs: Path) -> dict[str, Any]:
     """Cross-modal evaluation on the held-out identities, both directions."""
     from vvireid.training.cli import main as train_main
 
     report_path = out / "report.json"
     if not report_path.is_file():
-        _step("evaluating on held-out identities (ir_to_vis and vis_to_ir)")
+        _step("evaluating on the held-out identities (ir_to_vis and vis_to_ir)")
         argv = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(data),
                 "--dataset", DATASET_FORMAT, "--out", str(out)]
-        if train_main(argv) != 0:
-            raise SystemExit("demo: evaluation failed (see the messages above)")
+        _run_command("eval", train_main, argv, logs)
     return json.loads(report_path.read_text())
 
 
-def build_index(checkpoint: Path, data: Path, index: Path) -> None:
+def build_index(checkpoint: Path, data: Path, index: Path, logs: Path) -> None:
     """Encode every test tracklet (both modalities) into a FAISS gallery index."""
     from vvireid.indexer.cli import main as index_main
 
@@ -93,8 +157,7 @@ def build_index(checkpoint: Path, data: Path, index: Path) -> None:
     _step(f"indexing the test tracklets into {index}")
     argv = ["build", "--checkpoint", str(checkpoint), "--gallery", str(data),
             "--format", DATASET_FORMAT, "--split", "test", "--out", str(index)]
-    if index_main(argv) != 0:
-        raise SystemExit("demo: index build failed (see the messages above)")
+    _run_command("index", index_main, argv, logs)
 
 
 def load_splits(data: Path) -> DatasetSplits:
@@ -107,23 +170,7 @@ def load_splits(data: Path) -> DatasetSplits:
 def example_query(splits: DatasetSplits) -> tuple[list[Path], int]:
     """Frames of one infrared test tracklet (the default ir_to_vis query) and its pid."""
     query = splits.query["ir_to_vis"][0]
-    return [Path(f) for f in query.frames[:6]], int(query.pid)
-
-
-def serve(checkpoint: Path, index: Path, splits: DatasetSplits) -> int:
-    from vvireid.server.cli import main as serve_main
-
-    host = os.environ.get("VVIREID_HOST", "127.0.0.1")
-    port = os.environ.get("VVIREID_PORT", "8000")
-    frames, pid = example_query(splits)
-    parts = " ".join(f"-F frames=@{shlex.quote(str(f))}" for f in frames)
-    log.info("web page:  http://%s:%s/", host, port)
-    log.info(
-        "query (an infrared clip of person %d; the answer ranks visible tracklets):\n"
-        "  curl -s -F modality=infrared -F top_k=5 %s http://%s:%s/query", pid, parts, host, port
-    )
-    return serve_main(["--checkpoint", str(checkpoint), "--index", str(index),
-                       "--host", host, "--port", port])
+    return [Path(f) for f in query.frames[:QUERY_FRAMES]], int(query.pid)
 
 
 def chance_r1(splits: DatasetSplits) -> dict[str, float]:
@@ -139,25 +186,150 @@ def chance_r1(splits: DatasetSplits) -> dict[str, float]:
     return chance
 
 
-def print_metrics(report: dict, chance: dict[str, float]) -> None:
+def metric_lines(report: dict[str, Any], chance: dict[str, float]) -> list[str]:
     """One line per direction: R1 and mAP (percent) next to what chance would give."""
-    for direction, metrics in report["directions"].items():
-        log.info("%-10s R1 %5.1f%%  mAP %5.1f%%   (chance R1 about %.1f%%)", direction,
-                 metrics["R1"], metrics["mAP"], chance.get(direction, 0.0))
+    return [
+        f"{direction:<10} R1 {metrics['R1']:5.1f}%  mAP {metrics['mAP']:5.1f}%   "
+        f"(chance R1 about {chance.get(direction, 0.0):.1f}%)"
+        for direction, metrics in report["directions"].items()
+    ]
+
+
+def _shown_path(path: Path) -> str:
+    """A path as short as possible for the current folder (the curl line is pasted there)."""
+    absolute = path.resolve()
+    with contextlib.suppress(ValueError):
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    return str(absolute)
+
+
+def curl_line(frames: list[Path], url: str) -> str:
+    parts = " ".join(f"-F frames=@{shlex.quote(_shown_path(f))}" for f in frames)
+    return f"curl -s -F modality=infrared -F top_k=5 {parts} {url}/query"
+
+
+def final_box(url: str, frames: list[Path], pid: int, metrics: list[str]) -> str:
+    """The one screen a newcomer needs: where to look, what to paste, how good it is."""
+    lines = [
+        RULE,
+        f"vvireid demo is serving: {url}/   (API docs: {url}/docs; Ctrl-C stops it)",
+        "",
+        "held-out identities (never seen in training), cross-modal:",
+        *(f"  {line}" for line in metrics),
+        "",
+        f"query with an infrared clip of person {pid}; the answer ranks visible tracklets:",
+        curl_line(frames, url),
+        RULE,
+    ]
+    return "\n".join(lines)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind the server's socket now, before minutes of work, so a taken port fails fast.
+
+    Port 0 asks the kernel for a free port; the socket then knows the real one.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise DemoError(
+                f"port {port} on {host} is already in use (another server?). Pick another port: "
+                f"VVIREID_PORT={port + 1} make demo, or VVIREID_PORT=0 make demo for any free one",
+                EXIT_PORT_TAKEN,
+            ) from None
+        raise DemoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _listen_settings() -> tuple[str, int]:
+    host = os.environ.get("VVIREID_HOST", "").strip() or DEFAULT_HOST
+    raw = os.environ.get("VVIREID_PORT", "").strip() or str(DEFAULT_PORT)
+    try:
+        port = int(raw)
+    except ValueError:
+        raise DemoError(f"VVIREID_PORT={raw!r}: expected a port number (0 picks a free one)") \
+            from None
+    if not 0 <= port <= 65535:
+        raise DemoError(f"VVIREID_PORT={port}: expected 0..65535 (0 picks a free one)")
+    return host, port
+
+
+def _announce_when_ready(app: Any, server: Any, box: str) -> None:
+    """Print the box once the model and index are loaded (or stop the server if they fail)."""
+    while not server.should_exit:
+        if app.state.engine is not None:
+            sys.stderr.write(box + "\n")
+            sys.stderr.flush()
+            return
+        if app.state.load_error is not None:
+            log.error("the server could not load the model or index: %s", app.state.load_error)
+            server.should_exit = True
+            return
+        time.sleep(0.1)
+
+
+def serve(checkpoint: Path, index: Path, sock: socket.socket, box: Callable[[str], str]) -> int:
+    """Serve on the reserved socket until Ctrl-C; the box is printed when the server is ready."""
+    import uvicorn
+    from vvireid.server.app import create_app
+    from vvireid.server.settings import ServerSettings
+
+    host, port = sock.getsockname()[:2]
+    settings = ServerSettings.from_env(checkpoint=checkpoint, index=index, host=host, port=port)
+    app = create_app(settings)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    _step(f"starting the server on {url} (loading the model and the index)")
+    threading.Thread(target=_announce_when_ready, args=(app, server, box(url)),
+                     name="vvireid-demo-ready", daemon=True).start()
+    server.run(sockets=[sock])
+    return 1 if app.state.load_error is not None else 0
+
+
+def run(root: Path) -> int:
+    data, run_dir, index, logs = root / "data", root / "run", root / "index", root / "logs"
+    serving = os.environ.get("VVIREID_DEMO_SERVE", "1") != "0"
+    sock = reserve_port(*_listen_settings()) if serving else None
+    try:
+        make_dataset(data)
+        checkpoint = train(data, run_dir, logs)
+        splits = load_splits(data)
+        metrics = metric_lines(evaluate(checkpoint, data, root / "eval", logs), chance_r1(splits))
+        build_index(checkpoint, data, index, logs)
+        if sock is None:
+            for line in metrics:
+                log.info("%s", line)
+            return 0
+        frames, pid = example_query(splits)
+        try:
+            return serve(checkpoint, index, sock, lambda url: final_box(url, frames, pid, metrics))
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
+            sys.stderr.write("\nserver stopped (`make demo` serves again without redoing the work)\n")
+            return 0
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     root = Path(os.environ.get("VVIREID_DEMO_DIR", ".demo"))
-    data, run, index = root / "data", root / "run", root / "index"
-    make_dataset(data)
-    checkpoint = train(data, run)
-    splits = load_splits(data)
-    print_metrics(evaluate(checkpoint, data, root / "eval"), chance_r1(splits))
-    build_index(checkpoint, data, index)
-    if os.environ.get("VVIREID_DEMO_SERVE", "1") == "0":
-        return 0
-    return serve(checkpoint, index, splits)
+    configure_logging(root)
+    try:
+        return run(root)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ndemo stopped (re-run `make demo` to continue where it left off)\n")
+        return EXIT_INTERRUPTED
+    except DemoError as exc:
+        sys.stderr.write(f"demo: {exc}\n")
+        return exc.status
 
 
 if __name__ == "__main__":

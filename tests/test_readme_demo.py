@@ -2,8 +2,11 @@
 
 This is the newcomer's path: the command is read from the README (not restated here), run in a
 temporary copy of the checkout that shares this checkout's virtual environment, and the printed
-``curl`` query is sent to the server it starts. A second run must reuse the dataset, the model
-and the index and serve again.
+``curl`` query is sent to the server it starts. The screen must be clean: every line once, no
+traceback, no JSON dump, no warnings that do not apply, and one final box with the real URL.
+The first run asks for ``VVIREID_PORT=0`` and must print the port it got. A second run must reuse
+the dataset, the model and the index and serve again. A taken port fails at once, naming
+``VVIREID_PORT``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -23,8 +28,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 1200
-
-pytestmark = pytest.mark.slow
+RULE = "=" * 78
+# Messages the demo must not show: open_clip's random-init warning (weights are loaded right
+# after), faiss's loader probing, tracebacks, and the JSON reports the commands print.
+NOISE = ("initialized randomly", "swigfaiss", "Traceback", "CancelledError", '"directions"')
 
 
 def readme_demo_command() -> list[str]:
@@ -61,6 +68,7 @@ def free_port() -> int:
 
 def start_demo(workdir: Path, port: int, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "VVIREID_PORT": str(port), "VVIREID_HOST": "127.0.0.1"}
+    env.pop("VVIREID_DEMO_DIR", None)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             readme_demo_command(), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -68,18 +76,42 @@ def start_demo(workdir: Path, port: int, log_path: Path) -> subprocess.Popen:
         )
 
 
-def wait_ready(process: subprocess.Popen, port: int, log_path: Path) -> None:
+def wait_ready(process: subprocess.Popen, log_path: Path, offset: int = 0) -> int:
+    """Wait for the final box (printed once the server answers); returns the port it shows."""
     deadline = time.monotonic() + DEMO_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"demo exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        text = log_path.read_text()[offset:]
+        shown = re.search(r"vvireid demo is serving: http://127\.0\.0\.1:(\d+)/", text)
+        if shown and text.rstrip().endswith(RULE):
+            port = int(shown.group(1))
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+            return port
         time.sleep(2)
     pytest.fail(f"demo not ready after {DEMO_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+def screen_lines(text: str) -> list[str]:
+    """What a terminal keeps: progress bars redraw one line with \\r, so keep the last state."""
+    return [line.split("\r")[-1].rstrip() for line in text.splitlines()]
+
+
+def assert_clean_screen(text: str) -> None:
+    """Each line once, no noise, and the box last: a URL, metrics, a curl line."""
+    lines = [line for line in screen_lines(text) if line.strip()]
+    progress = re.compile(r"\d+%\|")
+    repeated = {line: n for line, n in Counter(
+        line for line in lines if not progress.search(line) and line != RULE).items() if n > 1}
+    assert not repeated, f"lines printed more than once: {repeated}\n{text[-3000:]}"
+    for noise in NOISE:
+        assert noise not in text, f"the demo printed {noise!r}:\n{text[-3000:]}"
+    assert not any(line.lstrip().startswith(("{", "}")) for line in lines), text[-3000:]
+    assert lines.count(RULE) == 2 and lines[-1] == RULE, text[-3000:]
+    box = lines[lines.index(RULE) + 1:-1]
+    assert box[0].startswith("vvireid demo is serving: http://"), box
+    assert any(line.startswith("curl ") for line in box), box
+    assert sum("chance R1 about" in line for line in box) == 2, box
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -116,6 +148,7 @@ def send_curl_as_httpx(argv: list[str], workdir: Path) -> httpx.Response:
     return httpx.post(url, data=data, files=files, timeout=60)
 
 
+@pytest.mark.slow
 def test_readme_demo_serves_cross_modal_matches_and_reuses_its_work(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
@@ -123,11 +156,12 @@ def test_readme_demo_serves_cross_modal_matches_and_reuses_its_work(tmp_path: Pa
     copy_checkout(workdir)
     log_path = tmp_path / "demo.log"
 
-    port = free_port()
-    process = start_demo(workdir, port, log_path)
+    process = start_demo(workdir, 0, log_path)  # VVIREID_PORT=0: any free port, shown for real
     try:
-        wait_ready(process, port, log_path)
+        port = wait_ready(process, log_path)
+        assert port != 0
         log_text = log_path.read_text()
+        assert_clean_screen(log_text)
         argv = printed_curl(log_text)
         assert argv[-1] == f"http://127.0.0.1:{port}/query"
         response = send_curl_as_httpx(argv, workdir)
@@ -151,9 +185,26 @@ def test_readme_demo_serves_cross_modal_matches_and_reuses_its_work(tmp_path: Pa
     port = free_port()
     process = start_demo(workdir, port, log_path)
     try:
-        wait_ready(process, port, log_path)
+        assert wait_ready(process, log_path, offset=len(log_text)) == port
         second = log_path.read_text()[len(log_text):]
+        assert_clean_screen(second)
         assert "dataset exists" in second and "model exists" in second and "index exists" in second
         assert "training the" not in second
     finally:
         stop(process)
+
+
+def test_demo_refuses_a_taken_port_at_once_and_names_the_variable(tmp_path: Path) -> None:
+    """Before minutes of work, not after: the port is checked first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "VVIREID_PORT": str(port), "VVIREID_HOST": "127.0.0.1",
+               "VVIREID_DEMO_DIR": str(tmp_path / "demo")}
+        done = subprocess.run([sys.executable, "-m", "scripts.demo"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"port {port}" in done.stderr and "VVIREID_PORT=0" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "demo" / "data").exists()  # nothing generated
