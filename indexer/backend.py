@@ -129,13 +129,28 @@ def _factory_string(index_type: str, params: IndexParams) -> str:
 class Selection:
     """The gallery items a search may return: a bitmap over internal ids and a FAISS selector."""
 
-    def __init__(self, ids: np.ndarray, id_bound: int) -> None:
-        mask = np.zeros(max(id_bound, 1), dtype=bool)
+    def __init__(self, ids: np.ndarray, id_bound: int, headroom: int = 0) -> None:
+        mask = np.zeros(max(id_bound + headroom, 1), dtype=bool)
         mask[ids] = True
         self.count = int(len(ids))
         self.bitmap = np.packbits(mask, bitorder="little")
         # The selector points into self.bitmap, which must stay alive as long as it does.
         self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
+
+    def update(self, added: np.ndarray, removed: np.ndarray) -> bool:
+        """Set the bits of ``added`` and clear those of ``removed`` in place (callers hold the
+        write lock); False when an added id lies beyond the bitmap (then build a new one)."""
+        if len(added) and int(added.max()) >= len(self.bitmap) * 8:
+            return False
+        removed = removed[(removed >= 0) & (removed < len(self.bitmap) * 8)]
+        self.count -= int(self.contains(removed).sum())
+        np.bitwise_and.at(
+            self.bitmap, removed >> 3, ~(np.uint8(1) << (removed & 7).astype(np.uint8))
+        )
+        fresh = added[~self.contains(added)]
+        np.bitwise_or.at(self.bitmap, fresh >> 3, np.uint8(1) << (fresh & 7).astype(np.uint8))
+        self.count += len(fresh)
+        return True
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask of ``ids`` (any shape, -1 = empty slot) that are selected."""

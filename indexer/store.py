@@ -237,7 +237,25 @@ class _Memory:
             ).astype(np.int8)
             self.camid = np.concatenate([self.camid, [a[1].camid for a in added]]).astype(np.int64)
         if gone or added:
-            self.selections.clear()
+            self._update_selections(added, np.asarray(gone, dtype=np.int64))
+
+    def _update_selections(
+        self, added: list[tuple[int, GalleryItem]], gone: np.ndarray
+    ) -> None:
+        """Keep the cached filter bitmaps current (a rebuild per write would cost every query
+        after a write an O(N) pass); a bitmap that has no room for a new id is dropped."""
+        for key in list(self.selections):
+            modality, cams = key
+            matching = np.asarray(
+                [
+                    i for i, it in added
+                    if (modality is None or it.modality == modality)
+                    and (cams is None or it.camid in cams)
+                ],
+                dtype=np.int64,
+            )
+            if not self.selections[key].update(matching, gone):
+                del self.selections[key]
 
 
 class GalleryIndex:
@@ -691,7 +709,8 @@ class GalleryIndex:
             if camids is not None:
                 mask &= np.isin(memory.camid, np.fromiter(key[1], dtype=np.int64, count=len(key[1])))
             bound = int(memory.ids.max()) + 1 if len(memory.ids) else 1
-            selection = Selection(memory.ids[mask], bound)
+            # Headroom: later adds (new, larger ids) set bits in place instead of a rebuild.
+            selection = Selection(memory.ids[mask], bound, headroom=max(4096, bound // 8))
             memory.selections[key] = selection
         return selection
 

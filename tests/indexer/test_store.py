@@ -229,6 +229,32 @@ def test_add_remove_round_trip_persists(tmp_path):
     assert stats["thumbnails"] == 39
 
 
+def test_cached_filters_follow_adds_and_removes(tmp_path):
+    """Filter bitmaps are updated in place by writes (not rebuilt): results stay exact."""
+    rng = np.random.default_rng(13)
+    gallery = rng.standard_normal((300, DIM)).astype(np.float32)
+    items = items_for(300)
+    index = new_index(tmp_path / "idx")
+    index.add(items[:100], gallery[:100])
+    filters = [(Modality.VISIBLE, None), (Modality.INFRARED, {1, 3}), (None, {2})]
+    live = list(range(100))
+    for step in range(100, 300, 25):
+        for modality, camids in filters:  # cache (or refresh) every filter's bitmap
+            index.search(gallery[:3], 400, modality=modality, camids=camids)
+        index.add(items[step : step + 25], gallery[step : step + 25])
+        live += list(range(step, step + 25))
+        gone = live[::7]
+        index.remove([items[i].tracklet_id for i in gone])
+        live = [i for i in live if i not in gone]
+        for modality, camids in filters:
+            got = index.search(gallery[:5], 400, modality=modality, camids=camids)
+            want = brute_force(
+                gallery[live], [items[i] for i in live], gallery[:5], 400, "cosine", modality,
+                camids,
+            )
+            assert [[h.tracklet_id for h in row] for row in got] == want, (step, modality)
+
+
 def test_gallery_index_satisfies_the_backend_protocol(tmp_path):
     from vvireid.indexer.gallery import GalleryBackend
 
