@@ -124,11 +124,11 @@ def draw_score_histograms(
     for value in np.linspace(lo, hi, 6):
         x = left + (value - lo) / (hi - lo) * plot_w
         draw.text((x, top + plot_h + 6), f"{value:.2f}", fill="black", font=small, anchor="mt")
-    draw.text((width / 2, 12), "cross-modal pair scores", fill="black", font=font, anchor="mt")
+    draw.text((width / 2, 12), "cross-modal pair scores (each histogram scaled to its peak)", fill="black", font=font, anchor="mt")
     draw.text((left + plot_w / 2, height - 20), "score", fill="black", font=small, anchor="mt")
     legend = [(_POS, f"same identity (n={len(positives)})"),
               (_NEG, f"different identity (n={len(negatives)})"),
-              (_CURVE, "P(same) (right scale 0-1)")]
+              (_CURVE, "P(same): 0 at the bottom, 1 at the top")]
     for i, (colour, text) in enumerate(legend):
         draw.rectangle([left + 8, top + 8 + 18 * i, left + 20, top + 20 + 18 * i], fill=colour)
         draw.text((left + 26, top + 8 + 18 * i), text, fill="black", font=small)
