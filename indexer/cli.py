@@ -10,6 +10,7 @@ naming the file or field.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -97,7 +98,9 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch.compile the model over static batch sizes (default: on CUDA only)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="frame-decoding threads")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="frame-decoding worker threads (default: min(4, CPU cores))"
+    )
     parser.add_argument(
         "--max-failures",
         default=DEFAULT_MAX_FAILURES,
@@ -142,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log progress details to stderr"
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('vvireid')}",
+        help="print the installed vvireid version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="encode a gallery and write a new index")
@@ -174,19 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_cmd_merge)
 
     info = sub.add_parser("info", help="describe an index")
-    info.add_argument("index_dir")
+    info.add_argument("index_dir", help="index folder (written by vvireid-index build)")
     info.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     _backend_args(info)
     info.set_defaults(func=_cmd_info)
 
     add = sub.add_parser("add", help="encode new tracklets into an existing index")
-    add.add_argument("index_dir")
+    add.add_argument("index_dir", help="index folder (written by vvireid-index build)")
     _source_args(add)
     add.set_defaults(func=_cmd_add)
 
     remove = sub.add_parser("remove", help="remove tracklets from an index")
-    remove.add_argument("index_dir")
-    remove.add_argument("--tracklet-id", nargs="+", required=True, dest="tracklet_ids")
+    remove.add_argument("index_dir", help="index folder (written by vvireid-index build)")
+    remove.add_argument(
+        "--tracklet-id", nargs="+", required=True, dest="tracklet_ids", help="ids to remove"
+    )
     remove.add_argument(
         "--ignore-missing",
         action="store_true",
@@ -198,18 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = sub.add_parser(
         "retrain", help="retrain an IVF index on the stored vectors (searches go on meanwhile)"
     )
-    retrain.add_argument("index_dir")
+    retrain.add_argument("index_dir", help="index folder (written by vvireid-index build)")
     retrain.set_defaults(func=_cmd_retrain)
 
     migrate = sub.add_parser(
         "migrate", help="convert a format-1 index folder to the database format now"
     )
-    migrate.add_argument("index_dir")
+    migrate.add_argument("index_dir", help="index folder (written by vvireid-index build)")
     migrate.set_defaults(func=_cmd_migrate)
 
     search = sub.add_parser("search", help="query an index with a tracklet's frames")
-    search.add_argument("index_dir")
-    search.add_argument("--checkpoint", required=True)
+    search.add_argument("index_dir", help="index folder (written by vvireid-index build)")
+    search.add_argument(
+        "--checkpoint", required=True, help="model checkpoint the index was built with"
+    )
     search.add_argument(
         "--frames", nargs="+", required=True, help="frame files in order, or one folder"
     )
@@ -217,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality", required=True, help="modality of the query frames (visible|infrared)"
     )
     search.add_argument("--camid", type=int, default=None, help="camera index of the query")
-    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--top-k", type=int, default=10, help="matches to return (default 10)")
     scope = search.add_mutually_exclusive_group()
     scope.add_argument(
         "--cross-modal",
@@ -249,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only return gallery tracklets of these cameras",
     )
     search.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda for encoding and search"
+        "--device", default="auto", help="auto, cpu or cuda[:N] for encoding and search"
     )
     _backend_args(search)
     search.set_defaults(func=_cmd_search, scope="cross")
@@ -458,8 +471,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             "query": {"frames": len(frames), "modality": query_modality.label, "camid": args.camid},
             "gallery_modality": None if gallery_modality is None else gallery_modality.label,
             "camera_filter": args.camera_filter,
-            "k": args.top_k,
-            "hits": [hit.to_dict() for hit in hits],
+            "top_k": args.top_k,
+            "matches": [hit.to_dict() for hit in hits],
         }
     )
     return 0

@@ -72,16 +72,16 @@ def test_build_info_and_search(tmp_path, capsys, make_gallery, checkpoint):
         *frames(manifest, "t3"),
     ]
     code, result, _ = run(capsys, *search, "--same-modal", "--camid", "0", "--top-k", "3")
-    assert code == 0 and [h["rank"] for h in result["hits"]] == [1, 2, 3]
-    assert result["hits"][0]["tracklet_id"] == "t3"  # the query is in the gallery: it comes first
-    assert all(h["modality"] == "infrared" for h in result["hits"])
+    assert code == 0 and [h["rank"] for h in result["matches"]] == [1, 2, 3]
+    assert result["matches"][0]["tracklet_id"] == "t3"  # the query is in the gallery: it comes first
+    assert all(h["modality"] == "infrared" for h in result["matches"])
 
     code, result, _ = run(capsys, *search, "--top-k", "10")  # cross-modal by default
-    assert code == 0 and len(result["hits"]) == 6
-    assert all(h["modality"] == "visible" for h in result["hits"])
+    assert code == 0 and len(result["matches"]) == 6
+    assert all(h["modality"] == "visible" for h in result["matches"])
 
     code, result, _ = run(capsys, *search, "--camera-filter", "1", "2", "--top-k", "10")
-    assert code == 0 and {h["camid"] for h in result["hits"]} <= {1, 2} and len(result["hits"]) == 4
+    assert code == 0 and {h["camid"] for h in result["matches"]} <= {1, 2} and len(result["matches"]) == 4
 
     code, _, err = build(capsys, manifest, ckpt, out)
     assert code == 2 and "already holds an index" in err
@@ -193,8 +193,8 @@ def test_interrupted_rebuild_keeps_old_index_and_resumes(
         *frames(new, "t100"),
         "--any-modal",
     ]
-    resumed_hits = run(capsys, "search", out, *query)[1]["hits"]
-    fresh_hits = run(capsys, "search", tmp_path / "fresh", *query)[1]["hits"]
+    resumed_hits = run(capsys, "search", out, *query)[1]["matches"]
+    fresh_hits = run(capsys, "search", tmp_path / "fresh", *query)[1]["matches"]
     assert [h["tracklet_id"] for h in resumed_hits] == [h["tracklet_id"] for h in fresh_hits]
     assert [h["score"] for h in resumed_hits] == pytest.approx(
         [h["score"] for h in fresh_hits], rel=1e-5
@@ -223,7 +223,7 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
         "--frames",
         *frames(more, "t9"),
     ]
-    hits = run(capsys, *query, "--any-modal", "--top-k", "20")[1]["hits"]
+    hits = run(capsys, *query, "--any-modal", "--top-k", "20")[1]["matches"]
     assert len(hits) == 8 and {"t0", "t9"}.isdisjoint(h["tracklet_id"] for h in hits)
 
     code, _, err = run(capsys, "remove", out, "--tracklet-id", "t1", "nope")

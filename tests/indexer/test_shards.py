@@ -37,7 +37,7 @@ def search(capsys, index: object, manifest: Path, ckpt: Path, *extra: object) ->
         "--frames", *frames, *extra,
     )
     assert code == 0, err
-    return [(h["tracklet_id"], round(h["score"], 4)) for h in result["hits"]]
+    return [(h["tracklet_id"], round(h["score"], 4)) for h in result["matches"]]
 
 
 def _tracklets(n: int) -> list[Tracklet]:

@@ -54,7 +54,7 @@ def test_api_key_file(tmp_path):
 def test_cli_flags_map_to_settings():
     args = build_parser().parse_args(
         ["--checkpoint", "c.safetensors", "--index", "idx", "--max-frames", "32",
-         "--workers-threads", "12", "--max-wait-ms", "1.5", "--max-request-mb", "2"]
+         "--worker-threads", "12", "--max-wait-ms", "1.5", "--max-request-mb", "2"]
     )
     from vvireid.server.cli import _overrides
 
