@@ -271,9 +271,16 @@ def natural_key(name: str) -> list[Any]:
     ]
 
 
-def _subdirs(folder: Path, problems: list[str], what: str) -> list[Path]:
+def _subdirs(
+    folder: Path, problems: list[str], what: str, skip_suffixes: tuple[str, ...] = ()
+) -> list[Path]:
     entries = sorted(
-        (p for p in folder.iterdir() if not p.name.startswith(".")),
+        (
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".")
+            and not (p.suffix.lower() in skip_suffixes and p.is_file())
+        ),
         key=lambda p: natural_key(p.name),
     )
     for entry in entries:
@@ -290,7 +297,9 @@ def scan_folder(root: str | Path) -> list[Tracklet]:
     spelling (``visible``, ``rgb``, ``infrared``, ``ir``); camid an integer >= 0. Frames are the
     image files (jpg, jpeg, png, bmp, webp, tif, tiff) of the tracklet folder in natural name
     order (``2.jpg`` before ``10.jpg``). The tracklet id is the relative path
-    ``<pid>/<modality>/<camid>/<tracklet>``, unique by construction. Hidden entries are ignored.
+    ``<pid>/<modality>/<camid>/<tracklet>``, unique by construction. Hidden entries are ignored,
+    and so are ``.jsonl`` files at the root (a manifest written into the tree it lists must not
+    break the next scan); any other misplaced file is a problem.
 
     Raises:
         ManifestError: listing every misplaced file, bad folder name and empty tracklet.
@@ -300,7 +309,7 @@ def scan_folder(root: str | Path) -> list[Tracklet]:
         raise ManifestError([f"{root}: missing folder"])
     problems: list[str] = []
     tracklets: list[Tracklet] = []
-    for pid_dir in _subdirs(root, problems, "<pid>|unknown"):
+    for pid_dir in _subdirs(root, problems, "<pid>|unknown", skip_suffixes=(".jsonl",)):
         pid = _folder_pid(pid_dir, problems)
         for mod_dir in _subdirs(pid_dir, problems, "<visible|infrared>"):
             try:

@@ -189,3 +189,13 @@ def test_manifest_dataset_needs_pids_for_split_tracklets(tmp_path):
     )
     with pytest.raises(DatasetError, match=r"m.jsonl:1: pid: required for split 'query'"):
         load_manifest_dataset(tmp_path / "m.jsonl")
+
+
+def test_scan_folder_skips_a_manifest_written_into_the_tree(tmp_path):
+    (tmp_path / "7/visible/2/t1").mkdir(parents=True)
+    (tmp_path / "7/visible/2/t1/0.jpg").write_bytes(b"")
+    write_manifest(tmp_path / "manifest.jsonl", scan_folder(tmp_path))
+    assert [t.tracklet_id for t in scan_folder(tmp_path)] == ["7/visible/2/t1"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ManifestError, match="notes.txt"):
+        scan_folder(tmp_path)
