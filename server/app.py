@@ -280,26 +280,54 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, with the limits that depend on the settings filled in."""
-    if app.openapi_schema is None:
+    """FastAPI's schema, with the limits that depend on the settings and the model filled in.
+
+    It is the contract schemathesis checks: a form field is absent rather than null, ``frames``
+    is required with 1..max_frames items, and ``min_probability`` is listed only when the model
+    has a calibration. Cached once the model is loaded (until then it is rebuilt per call).
+    """
+    engine = app.state.engine
+    if app.openapi_schema is None or engine is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         settings: ServerSettings = app.state.settings
-        for form in schema.get("components", {}).get("schemas", {}).values():
+        forms = [
+            form for name, form in schema.get("components", {}).get("schemas", {}).items()
+            if name.startswith("Body_")
+        ]
+        for form in forms:
             properties = form.get("properties", {})
+            for name, prop in properties.items():
+                properties[name] = _without_null(prop)
             top_k = properties.get("top_k")
             if top_k is not None:
                 for option in top_k.get("anyOf", [top_k]):
                     if option.get("type") == "integer":
                         option["maximum"] = settings.max_top_k
             frames = properties.get("frames")
-            if frames is not None:
-                for option in frames.get("anyOf", [frames]):
-                    if option.get("type") == "array":
-                        option["maxItems"] = settings.max_frames
+            if frames is not None and frames.get("type") == "array":
+                frames.update(minItems=1, maxItems=settings.max_frames)
+                form["required"] = sorted({*form.get("required", []), "frames"})
+            if engine is not None and getattr(engine, "calibration", None) is None:
+                properties.pop("min_probability", None)
+        metrics = schema["paths"].get("/metrics", {}).get("get")
+        if metrics is not None and settings.metrics_key is None:
+            metrics.pop("security", None)  # this server's /metrics is open
+            metrics.get("responses", {}).pop("401", None)
+        if engine is None:
+            return schema
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A form field cannot be null, only absent: drop FastAPI's ``{"type": "null"}`` option."""
+    options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+    if "anyOf" not in prop or len(options) == len(prop["anyOf"]):
+        return prop
+    rest = {k: v for k, v in prop.items() if k != "anyOf"}
+    return {**options[0], **rest} if len(options) == 1 else {**rest, "anyOf": options}
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, **options: Any) -> Any:

@@ -8,6 +8,7 @@ Flags override ``VVIREID_*`` environment variables, which override the defaults.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "VVIREID_CHECKPOINT, VVIREID_INDEX, VVIREID_API_KEY_FILE, VVIREID_MAX_BATCH.",
     )
     add = parser.add_argument
+    add("--version", action="version",
+        version=f"%(prog)s {importlib.metadata.version('vvireid')}",
+        help="print the installed vvireid version and exit")
     add("--checkpoint", type=Path, help=help_of("checkpoint"))
     add("--index", type=Path, help=help_of("index"))
     add("--backend", choices=("faiss", "milvus"), help=help_of("backend"))
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-in-flight", type=int, help=help_of("max_in_flight"))
     add("--queue-size", type=int, help=help_of("queue_size"))
     add("--admission-timeout-s", type=float, help=help_of("admission_timeout_s"))
-    add("--workers-threads", "--worker-threads", dest="worker_threads", type=int,
+    add("--worker-threads", dest="worker_threads", type=int,
         help=help_of("worker_threads"))
     add("--torch-threads", type=int, help=help_of("torch_threads"))
     add("--max-request-mb", type=float,
@@ -67,7 +71,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit code."""
     import uvicorn
-    from vvireid.server.app import create_app
+    from vvireid.server.app import create_app, uvicorn_config
     from vvireid.server.settings import ServerSettings, SettingsError
 
     args = build_parser().parse_args(argv)
@@ -89,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"vvireid-serve: {exc}\n")
         return 2
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=False, timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     failures: list[str] = []
 
     def on_load_failure(message: str) -> None:

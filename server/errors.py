@@ -39,7 +39,7 @@ GALLERY_RETRY_AFTER_S = 5
 STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     InvalidFrameError: 422,
     NoFramesError: 422,
-    TooManyFramesError: 413,
+    TooManyFramesError: 422,  # a declared constraint (maxItems), like every schema violation
     InvalidFieldError: 422,
     FrameTooLargeError: 413,
     DecodeBudgetError: 413,

@@ -51,7 +51,7 @@ def _error_docs(**texts: str) -> dict[int | str, dict[str, Any]]:
 _COMMON_ERRORS = _error_docs(
     s400="malformed request (e.g. a broken multipart body)",
     s408="the request body was not received within body_timeout_s",
-    s413="body, frame, frame count or the request's decoded pixels over a limit (named)",
+    s413="body, frame or the request's decoded pixels over a limit (the error names it)",
     s422="bad frame or field, unknown or repeated field (the error names the part)",
     s500="internal error (the body gives the request id to look up in the server log)",
 )

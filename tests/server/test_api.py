@@ -227,7 +227,7 @@ def test_settings_limits_reach_the_engine(tiny_gallery: TinyGallery):
     with running_client(make_settings(tiny_gallery, max_frames=3, default_top_k=2)) as client:
         probe = tiny_gallery.of(VISIBLE, 1)
         too_many = query(client, probe)
-        assert too_many.status_code == 413
+        assert too_many.status_code == 422
         assert too_many.json()["error"]["code"] == "too_many_frames"
         files = probe.files()[:3]
         body = client.post("/v1/query", files=files, data={"modality": "visible"}).json()

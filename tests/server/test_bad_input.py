@@ -61,7 +61,7 @@ def test_no_frames(client):
 
 
 def test_too_many_frames(client):
-    error = assert_error(post(client, good_frames(65)), 413, "too_many_frames", "frames")
+    error = assert_error(post(client, good_frames(65)), 422, "too_many_frames", "frames")
     assert "65" in error["message"] and "64" in error["message"]
     assert "max_frames" in error["message"]
 

@@ -205,6 +205,7 @@ def test_page_searches_picked_frames(tiny_gallery: TinyGallery, tmp_path: Path):
             devtools.evaluate("document.getElementById('search').click()")
             error_text = devtools.wait_for("!document.getElementById('error').hidden && "
                                            "document.getElementById('error').textContent")
+            stale = devtools.evaluate("document.querySelectorAll('#results .match').length")
             errors = [e for e in devtools.events if e.get("method") == "Runtime.exceptionThrown"]
         finally:
             devtools.close()
@@ -219,3 +220,52 @@ def test_page_searches_picked_frames(tiny_gallery: TinyGallery, tmp_path: Path):
     assert "6 infrared frames" in timings and "total" in timings
     assert "422 invalid_frame [frames[0]]" in error_text and "000-broken.jpg" in error_text
     assert errors == []
+    assert stale == 0  # the previous matches are cleared when a query fails
+
+
+def csp_violations(devtools: DevTools) -> list[str]:
+    """Console and log messages in which Chromium reports a Content-Security-Policy block."""
+    texts = []
+    for event in devtools.events:
+        if event.get("method") == "Log.entryAdded":
+            texts.append(event["params"]["entry"].get("text", ""))
+        elif event.get("method") == "Runtime.consoleAPICalled":
+            texts += [str(a.get("value", "")) for a in event["params"].get("args", [])]
+    return [t for t in texts if "Content Security Policy" in t]
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"),
+    [
+        # Swagger UI: one block per operation, the query route among them.
+        ("/docs", "Array.from(document.querySelectorAll('.opblock-summary-path'))"
+                  ".map(e => e.textContent.trim())"),
+        # ReDoc: the operations in its side menu.
+        ("/redoc", "Array.from(document.querySelectorAll('[role=menuitem] span, li label'))"
+                   ".map(e => e.textContent.trim())"),
+    ],
+)
+def test_api_docs_render_offline(tiny_gallery: TinyGallery, tmp_path: Path, path, rendered):
+    """/docs and /redoc load their assets from this server (Chromium runs with networking off
+    beyond loopback) under the strict CSP, and show the API's operations."""
+    with live_server(make_settings(tiny_gallery)) as base:
+        html = httpx.get(base + path, timeout=10).text
+        assert "cdn" not in html.lower() and "<script>" not in html
+        process, ws_url = start_chromium(f"{base}{path}", tmp_path / "profile")
+        devtools = DevTools(ws_url)
+        try:
+            devtools.call("Runtime.enable")
+            devtools.call("Log.enable")
+            devtools.call("Page.reload")
+            devtools.wait_for(f"{rendered}.length > 3", timeout=60)
+            shown = " ".join(devtools.evaluate(rendered))
+            errors = [e for e in devtools.events if e.get("method") == "Runtime.exceptionThrown"]
+            blocked = csp_violations(devtools)
+        finally:
+            devtools.close()
+            process.kill()
+            process.wait(10)
+    expected = "/v1/query" if path == "/docs" else "Rank gallery tracklets"
+    assert expected in shown, shown
+    # ReDoc's "powered by" logo comes from its CDN; the CSP blocks it (nothing else is needed).
+    assert errors == [] and [b for b in blocked if "Loading the image" not in b] == []

@@ -89,11 +89,11 @@ def test_decode_budget_is_checked_from_headers_before_decoding(tiny_gallery: Tin
         assert elapsed < 3.0, f"rejecting took {elapsed:.2f} s: pixels were decoded"
 
 
-def test_too_many_frames_is_413_naming_the_limit(tiny_gallery: TinyGallery):
+def test_too_many_frames_is_422_naming_the_limit(tiny_gallery: TinyGallery):
     with running_client(make_settings(tiny_gallery, max_frames=3)) as client:
         probe = tiny_gallery.of(Modality.INFRARED, 0)
         response = client.post("/v1/query", files=probe.files()[:4], data={"modality": "ir"})
-    assert response.status_code == 413
+    assert response.status_code == 422  # a declared constraint of the schema (maxItems)
     assert response.json()["error"]["code"] == "too_many_frames"
     assert "max_frames" in response.json()["error"]["message"]
 
