@@ -7,9 +7,12 @@
 #       -v /srv/vvireid/api.key:/run/secrets/api.key:ro -e VVIREID_API_KEY_FILE=/run/secrets/api.key \
 #       vvireid-serve
 #
-# /models/model.safetensors is the checkpoint, /index the folder written by `vvireid-index build`
-# (mount it writable, owned by uid 10001, if gallery writes through the API are enabled). Every
-# setting is a VVIREID_* variable or a vvireid-serve flag (see `vvireid-serve --help`).
+# /models/model.safetensors is the checkpoint, /index the folder written by `vvireid-index build`.
+# The server runs as uid 10001. Everything vvireid writes honours the umask (0644 files under the
+# usual 022), so that user can read a model written by anyone; the gallery is a SQLite database
+# whose -wal/-shm files live beside it, so /index must be writable by the container's user: run
+# with `--user "$(id -u):$(id -g)"` as the index's owner (README), or `chown -R 10001` the folder.
+# Every setting is a VVIREID_* variable or a vvireid-serve flag (see `vvireid-serve --help`).
 #
 # CUDA: one major version, 12, in the whole image. The FAISS GPU wheel the project depends on
 # (faiss-gpu 1.15.1) is a CUDA 12 build that loads the nvidia-*-cu12 runtime wheels, whereas PyPI's
@@ -46,11 +49,18 @@ ENV PATH=/opt/vvireid/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" torchvision
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# The server never imports training/ (architecture.md), so it stays out of the image.
 COPY model ./model
 COPY indexer ./indexer
 COPY server ./server
-RUN pip install . && pip check
+# training/ is copied only because pyproject.toml lists its packages (setuptools refuses a listed
+# package whose folder is missing); the server never imports it (lint-imports checks that).
+COPY training ./training
+# Only what serving needs: the `serve` extra (FastAPI, uvicorn, FAISS), not the `train` extra
+# (tensorboard, PyYAML) nor `export`/`milvus`. The commands those extras back are removed from
+# the image so that none of its entry points is dead: vvireid-serve and vvireid-index remain.
+RUN pip install '.[serve]' \
+    && pip check \
+    && rm -f /opt/vvireid/bin/vvireid-train /opt/vvireid/bin/vvireid-export
 
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
