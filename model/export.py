@@ -123,11 +123,12 @@ def export_onnx(model: ReIDModel, out: str | Path, *, batch: int = 2) -> dict[st
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tmp.unlink(missing_ok=True)
-    props = metadata(model, with_camids=with_camids, dynamic_t=dynamic_t)
+    # The exporter drops an input the graph never reads (camids of the camera-blind baseline).
+    graph_inputs = [i.name for i in proto.graph.input]
+    props = metadata(model, with_camids="camids" in graph_inputs, dynamic_t=dynamic_t)
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
     write_bytes_atomic(Path(out), proto.SerializeToString())
-    graph_inputs = [i.name for i in proto.graph.input]
     log.info("exported %s to %s (inputs %s)", model.config.method, out, graph_inputs)
     return {"onnx": str(out), "inputs": graph_inputs, "metadata": props}
 

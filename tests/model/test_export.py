@@ -58,6 +58,11 @@ def test_camera_aware_model_takes_camids(tmp_path):
     model = load_checkpoint(tiny_checkpoint(tmp_path, "xreid", num_cameras=3))
     summary = export_onnx(model, tmp_path / "x.onnx")
     assert summary["inputs"] == ["clips", "camids"]
+    assert json.loads(summary["metadata"]["inputs"]) == ["clips", "camids"]
+    # The baseline ignores cameras: its graph has no camids input, and the metadata says so.
+    blind = load_checkpoint(tiny_checkpoint(tmp_path, "baseline", num_cameras=3))
+    summary = export_onnx(blind, tmp_path / "b.onnx")
+    assert summary["inputs"] == json.loads(summary["metadata"]["inputs"]) == ["clips"]
     assert parity(model, tmp_path / "x.onnx") <= 1e-3
     assert parity(model, tmp_path / "x.onnx", frames=3) <= 1e-3
 
