@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from vvireid.indexer.calibration import Calibration, find_calibration
 from vvireid.indexer.encode import TrackletEncoder
+from vvireid.indexer.gallery import BackendOptions, GalleryBackend, open_gallery
 from vvireid.indexer.rerank import RerankParams, rerank_hits
-from vvireid.indexer.store import GalleryIndex, Hit
+from vvireid.indexer.store import Hit
 from vvireid.model.checkpoint import load_checkpoint
 from vvireid.model.preprocess import FrameSource
 from vvireid.model.types import Modality
@@ -74,7 +75,7 @@ class SearchOptions:
 
 
 def refine_hits(
-    index: GalleryIndex,
+    index: GalleryBackend,
     query: np.ndarray,
     hits: Sequence[Hit],
     options: SearchOptions,
@@ -169,7 +170,7 @@ class ReID:
     def __init__(self, encoder: TrackletEncoder, calibration: Calibration | None = None) -> None:
         self.encoder = encoder
         self.calibration = calibration
-        self.gallery: GalleryIndex | None = None
+        self.gallery: GalleryBackend | None = None
 
     @classmethod
     def load(
@@ -223,15 +224,18 @@ class ReID:
         feats = self.encoder.encode_prepared(clips, camids)
         return feats if batch else feats[0]
 
-    def open_gallery(self, path: str | Path, *, device: str = "cpu") -> GalleryIndex:
-        """Open a gallery index built with this checkpoint (``vvireid-index build``).
+    def open_gallery(
+        self, path: str | Path, *, device: str = "cpu", options: BackendOptions | None = None
+    ) -> GalleryBackend:
+        """Open a gallery built with this checkpoint (``vvireid-index build``): a FAISS index
+        folder, or a Milvus collection with ``options=BackendOptions(backend="milvus", ...)``.
 
         Raises:
-            IndexMismatchError: the index was built with another model.
+            IndexMismatchError: the gallery was built with another model.
             IndexFormatError: a missing or corrupt index file.
         """
-        self.gallery = GalleryIndex.open(
-            path, expected_fingerprint=self.encoder.fingerprint, expected_dim=self.dim,
+        self.gallery = open_gallery(
+            path, options, expected_fingerprint=self.encoder.fingerprint, expected_dim=self.dim,
             device=device,
         )
         return self.gallery

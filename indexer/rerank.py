@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from vvireid.indexer.store import GalleryIndex, Hit
+    from vvireid.indexer.gallery import GalleryBackend
+    from vvireid.indexer.store import Hit
 
 _BEYOND_SHORTLIST = 2.0
 
@@ -114,7 +115,7 @@ def rerank_distances(
 
 
 def rerank_hits(
-    index: GalleryIndex,
+    index: GalleryBackend,
     query: np.ndarray,
     hits: Sequence[Hit],
     top_k: int,
