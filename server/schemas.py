@@ -34,8 +34,9 @@ class Match(BaseModel):
     )
     similarity: float | None = Field(
         None, ge=-1.0, le=1.0,
-        description="cosine similarity of the query and gallery features, in [-1, 1] (= score "
-        "for cosine indexes); null for inner-product indexes",
+        description="cosine similarity of the query and gallery features, in [-1, 1], for every "
+        "method (= score for cosine indexes without re-ranking); null only when the gallery "
+        "backend cannot return its vectors",
     )
     modality: ModalityName
     camid: int

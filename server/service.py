@@ -541,7 +541,7 @@ class QueryEngine:
             num_frames=len(frames),
             timings_ms=timings,
             batch_size=outcome.batch_size,
-            similarities=self._similarities(hits),
+            similarities=self._similarities(outcome.feat, hits, spec),
         )
 
     def _check_options(self, spec: QuerySpec) -> None:
@@ -566,15 +566,31 @@ class QueryEngine:
         ]
         return kept, [m.probability for m in matches]
 
-    def _similarities(self, hits: Sequence[Hit]) -> list[float | None]:
-        """Cosine similarity per hit, in [-1, 1]: the score itself for cosine indexes.
+    def _similarities(
+        self, feat: np.ndarray, hits: Sequence[Hit], spec: QuerySpec
+    ) -> list[float | None]:
+        """Cosine similarity of the query and each hit's stored feature, in [-1, 1].
 
-        An inner-product index (VLD, baseline) scores unnormalised features; their cosine needs
-        each gallery vector's norm, which the index does not expose, so it is None there.
+        Why not the score: an inner-product index (VLD, baseline) scores unnormalised features,
+        and re-ranking replaces the score. The gallery vectors of the hits are read back (top_k
+        of them); a cosine index without re-ranking already scores the cosine, so it skips that.
+        None for every hit when the backend cannot return vectors, or a hit was removed meanwhile.
         """
-        if self.index.similarity != "cosine":
+        if not hits:
+            return []
+        if self.index.similarity == "cosine" and not spec.rerank:
+            return [min(1.0, max(-1.0, float(hit.score))) for hit in hits]
+        read = getattr(self.index, "vectors", None)
+        if read is None:
             return [None] * len(hits)
-        return [min(1.0, max(-1.0, float(hit.score))) for hit in hits]
+        try:
+            gallery = np.asarray(read([hit.tracklet_id for hit in hits]), dtype=np.float64)
+        except KeyError:
+            return [None] * len(hits)
+        query = np.asarray(feat, dtype=np.float64).reshape(-1)
+        norms = np.linalg.norm(gallery, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        cosines = gallery @ query / np.maximum(norms, 1e-12)
+        return [float(c) for c in np.clip(cosines, -1.0, 1.0)]
 
     def add_tracklet(
         self,

@@ -232,3 +232,23 @@ def test_settings_limits_reach_the_engine(tiny_gallery: TinyGallery):
         files = probe.files()[:3]
         body = client.post("/v1/query", files=files, data={"modality": "visible"}).json()
         assert len(body["matches"]) == 2
+
+
+def test_similarity_is_the_cosine_in_minus_one_one(client, tiny_gallery: TinyGallery):
+    """Own frames: similarity ~1 for the tracklet itself, every value in [-1, 1], also when the
+    score is a raw inner product (the tiny baseline's index) or a re-ranked score."""
+    probe = tiny_gallery.of(VISIBLE, 3)
+    plain = query(client, probe, cross_modal="false").json()["matches"]
+    reranked = query(client, probe, cross_modal="false", rerank="true").json()["matches"]
+    assert plain[0]["tracklet_id"] == probe.tracklet_id
+    assert plain[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    metric = client.get("/v1/index").json()["model"]["similarity"]
+    for match in plain:
+        assert -1.0 <= match["similarity"] <= 1.0
+        if metric == "cosine":
+            assert match["similarity"] == pytest.approx(match["score"], abs=1e-6)
+    if metric == "inner_product":
+        assert plain[0]["score"] > 1.0  # unbounded: the reason similarity exists
+    by_id = {m["tracklet_id"]: m["similarity"] for m in plain}
+    for match in reranked:
+        assert match["similarity"] == pytest.approx(by_id[match["tracklet_id"]], abs=1e-4)

@@ -12,6 +12,7 @@ import io
 import logging
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -28,6 +29,14 @@ def blank_png(size: int = BIG) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (size, size)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def rss_mb() -> float:
+    """This process's resident memory (the live server runs in it, in a thread)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
 def address(base: str) -> tuple[str, int]:
@@ -87,6 +96,14 @@ def test_decode_budget_is_checked_from_headers_before_decoding(tiny_gallery: Tin
         assert error["code"] == "decode_budget" and error["part"] == "frames"
         assert "max_request_pixels" in error["message"]
         assert elapsed < 3.0, f"rejecting took {elapsed:.2f} s: pixels were decoded"
+        before = rss_mb()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(
+                lambda _: http.post("/v1/query", files=files, data={"modality": "ir"},
+                                    timeout=30).status_code, range(4)))
+        assert statuses == [413] * 4
+        # Decoding them would take 4 x 64 x 16 MB = 4 GB; the headers cost next to nothing.
+        assert rss_mb() - before < 200, f"RSS grew by {rss_mb() - before:.0f} MB"
 
 
 def test_too_many_frames_is_422_naming_the_limit(tiny_gallery: TinyGallery):

@@ -120,3 +120,30 @@ def test_console_script_serves_and_stops_cleanly(tiny_gallery: TinyGallery):
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert "loaded baseline model" in output and "id=" in output  # startup and access log lines
+
+
+def test_limits_have_one_source_the_settings_model():
+    """The CLI help shows each limit's default as ServerSettings declares it, and QueryEngine
+    has no defaults of its own: it takes the settings object."""
+    import inspect
+
+    from vvireid.server.service import QueryEngine
+
+    text = " ".join(build_parser().format_help().split())
+    for name in ("max_frames", "max_top_k", "max_batch", "max_in_flight", "queue_size",
+                 "admission_timeout_s", "max_request_pixels", "body_timeout_s"):
+        default = ServerSettings.model_fields[name].default
+        flag = "--" + name.replace("_", "-")
+        assert flag in text and f"default {default} [VVIREID_{name.upper()}]" in text, name
+    parameters = inspect.signature(QueryEngine.__init__).parameters
+    assert set(parameters) == {"self", "model", "encoder", "index", "settings", "on_batch"}
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [({"queue_size": 4, "max_in_flight": 8}, "queue_size 4 < max_in_flight 8"),
+     ({"admission_timeout_s": 0}, "admission_timeout_s")],
+)
+def test_admission_settings_must_agree(values, named):
+    with pytest.raises(SettingsError, match=named):
+        ServerSettings.from_env({}, **values)
