@@ -44,9 +44,14 @@ class TextTower(nn.Module):
         return self.token_embedding(ids.to(self.token_embedding.weight.device))
 
     def encode_embeddings(self, prompts: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """Run the frozen tower on prompt embeddings; pool at the EOT token; project."""
-        x = prompts + self.positional_embedding.to(prompts.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        """Run the frozen tower on prompt embeddings; pool at the EOT token; project.
+
+        ``prompts`` may stop right after their EOT token (L < 77): under CLIP's causal mask no
+        later position reaches the EOT, so the pooled feature is the same and the cost is L/77.
+        """
+        length = prompts.shape[1]
+        x = prompts + self.positional_embedding[:length].to(prompts.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
         if isinstance(self.text_projection, nn.Linear):

@@ -152,6 +152,7 @@ class TrainConfig:
     precision: str = "auto"
     deterministic: bool = True
     log_every: int = 10
+    compile: bool = False  # torch.compile the training forward (minutes of compiling first)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML/JSON: what ``RUN/config.yaml`` holds."""

@@ -43,7 +43,18 @@ def _check_feats_pids(feats: Tensor, pids: Tensor, name: str = "feats") -> None:
 
 
 def _check_class_range(pids: Tensor, num_classes: int, what: str) -> None:
-    if pids.numel() and (int(pids.min()) < 0 or int(pids.max()) >= num_classes):
+    """Labels within [0, C). On an accelerator the check is a device-side assert, not a read:
+    a read would make every training step wait for the GPU (the trainer's labels come from the
+    dataset's own relabelling into [0, C), so this is a last line of defence there)."""
+    if not pids.numel():
+        return
+    if pids.device.type != "cpu":
+        torch._assert_async(
+            ((pids >= 0) & (pids < num_classes)).all(),
+            f"pids must lie in [0, {num_classes}) for {what}",
+        )
+        return
+    if int(pids.min()) < 0 or int(pids.max()) >= num_classes:
         raise ValueError(
             f"pids must lie in [0, {num_classes}) for {what}, "
             f"got min {int(pids.min())} and max {int(pids.max())}"
@@ -133,7 +144,9 @@ def batch_hard_triplet(feats: Tensor, pids: Tensor, margin: float = 0.3) -> Tens
     """
     _check_feats_pids(feats, pids)
     is_pos = pids.unsqueeze(0) == pids.unsqueeze(1)
-    if bool(is_pos.all()):
+    if pids.device.type != "cpu":  # no host read per step on an accelerator (see above)
+        torch._assert_async(~is_pos.all(), "batch_hard_triplet needs at least two identities")
+    elif bool(is_pos.all()):
         raise ValueError("batch_hard_triplet needs at least two identities in the batch")
     with _fp32(feats.device):
         dist = pairwise_euclidean(feats, feats)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -126,27 +126,49 @@ class EpochScheduler:
             self.set_epoch(int(state["epoch"]))
 
 
-def create_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+def create_optimizer(
+    model: nn.Module, optim: OptimSection, *, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """The recipe's optimiser over ``model.param_groups(lr, weight_decay)``.
 
     ``adamw`` is decoupled weight decay (VLD); ``adam`` is coupled L2 (torch's Adam adds
     ``weight_decay * param`` to the gradient, as X-ReID's Adam does).
     Trainable parameters that no group holds are reported (they would silently never train).
+
+    ``fused`` (Adam/AdamW): one kernel for the whole update instead of a few per parameter
+    tensor, and it can skip a step on a device-side "found non-finite" flag, which lets the
+    trainer check for NaN losses without a host sync per step. Default: on when every trainable
+    parameter is a floating-point CUDA tensor (elsewhere the multi-tensor path is as good).
     """
     groups = model.param_groups(optim.lr, optim.weight_decay)
     _check_groups(model, groups)
     for group in groups:
         group["initial_lr"] = group["lr"]
+    if fused is None:
+        fused = can_fuse(p for g in groups for p in g["params"])
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                 weight_decay=optim.weight_decay)
+                                 weight_decay=optim.weight_decay, fused=fused or None)
     if optim.optimizer == "adam":
         return torch.optim.Adam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                weight_decay=optim.weight_decay)
+                                weight_decay=optim.weight_decay, fused=fused or None)
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                weight_decay=optim.weight_decay)
     raise ValueError(f"unknown optimizer {optim.optimizer!r}")
+
+
+def can_fuse(params: Iterable[torch.Tensor]) -> bool:
+    """Whether fused Adam(W) applies by default: all parameters floating-point CUDA tensors."""
+    params = list(params)
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a fused Adam/AdamW (it honours a ``found_inf`` flag)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
 
 
 def _check_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:

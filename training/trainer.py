@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,12 @@ from vvireid.training.distributed import (
 )
 from vvireid.training.metrics_log import MetricsLogger
 from vvireid.training.objectives import TrainBatch, create_objective
-from vvireid.training.optim import create_optimizer, create_scheduler, describe_groups
+from vvireid.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    describe_groups,
+    is_fused,
+)
 from vvireid.training.report import (
     DirectionResult,
     build_report,
@@ -133,6 +139,50 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """A loss term became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """One step's loss terms: ``names`` (``loss`` first) and their values, a device tensor."""
+
+    names: list[str]
+    values: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """The values as floats (one host sync)."""
+        return dict(zip(self.names, self.values.tolist(), strict=True))
+
+
+class _NanWatch:
+    """The first non-finite step of a run, kept on the device so that no step waits for the host.
+
+    ``seen`` is sticky: once set, the fused optimiser skips every later update, so the weights
+    stay those from before the bad step until :meth:`first_bad` is read and the run stops.
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self._values = torch.zeros(len(names), device=device)
+        self._index = torch.full((), -1, dtype=torch.long, device=device)
+        self._count = torch.zeros((), dtype=torch.long, device=device)  # == len(self._steps)
+        self._steps: list[tuple[int, int]] = []  # (epoch, iteration) of each step since a read
+
+    def record(self, values: torch.Tensor, where: tuple[int, int]) -> None:
+        now = ~torch.isfinite(values).all() & ~self.seen
+        self._steps.append(where)
+        self._values.copy_(torch.where(now, values, self._values))
+        self._index.copy_(torch.where(now, self._count, self._index))
+        self._count += 1  # on the device: a host int would be a copy that waits for the GPU
+        self.seen |= now
+
+    def first_bad(self) -> tuple[tuple[int, int], list[float]] | None:
+        """``((epoch, iteration), term values)`` of the first bad step, or None (one sync)."""
+        if not bool(self.seen):
+            self._steps.clear()
+            self._count.zero_()
+            return None
+        return self._steps[int(self._index)], self._values.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +501,9 @@ class Trainer:
             # Some methods hold trainable parameters that a given configuration leaves unused.
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids,
                                                      find_unused_parameters=True)
+        if self.config.compile:
+            # The forward only: losses and optimiser stay eager (the fused step is one kernel).
+            self.ddp_model = torch.compile(self.ddp_model)
 
     def _write_run_files(self) -> None:
         if not self.dist.is_main:
@@ -559,11 +612,26 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def train_step(self, batch: TrainBatch, epoch: int, iteration: int) -> dict[str, float]:
+    @property
+    def _sync_free(self) -> bool:
+        """Whether NaN checks can wait for a log step: one process and a fused Adam(W).
+
+        A fused optimiser skips its update on a device-side flag, so a non-finite step changes
+        no weight although nobody has looked at the loss yet; the flag stays set (every later
+        step is skipped too) until :meth:`check_finite` reads it and raises. With several ranks
+        or another optimiser the check stays per step, as before.
+        """
+        return not self.dist.enabled and is_fused(self.optimizer)
+
+    def train_step(self, batch: TrainBatch, epoch: int, iteration: int) -> StepValues:
         """Forward, loss terms, backward, objective hook, optimiser step; returns the term values.
 
+        The values stay on the device (``StepValues.as_dict`` reads them back), so a step never
+        waits for the GPU; :meth:`train_epoch` reads them at log steps only.
+
         Raises:
-            NonFiniteLossError: naming the epoch, iteration and term (before any update).
+            NonFiniteLossError: at once on the per-step path; on the sync-free path the step is
+                recorded and :meth:`check_finite` raises.
         """
         batch = batch.to(self.device)
         with self._autocast():
@@ -575,8 +643,24 @@ class Trainer:
         if not terms:
             raise TrainingError("the objective returned no loss terms")
         loss = torch.stack([t.float() for t in terms.values()]).sum()
-        values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())]).tolist()
-        named = {"loss": values[0], **dict(zip(terms, values[1:], strict=True))}
+        names = ["loss", *terms]
+        values = torch.stack([loss.detach(), *(t.detach().float() for t in terms.values())])
+        if self._sync_free:
+            self._record_finite(names, values, epoch, iteration)
+        else:
+            self._raise_if_non_finite(names, values.tolist(), epoch, iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.objective.after_backward(out, full)
+        if self.config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        return StepValues(names, values)
+
+    def _raise_if_non_finite(
+        self, names: list[str], values: list[float], epoch: int, iteration: int
+    ) -> None:
+        named = dict(zip(names, values, strict=True))
         bad = [name for name, v in named.items() if not np.isfinite(v)]
         if any_flag(self.dist, bool(bad)):
             term = next((n for n in bad if n != "loss"), bad[0] if bad else "loss (on another rank)")
@@ -584,13 +668,29 @@ class Trainer:
                 f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: term {term!r} is "
                 f"{named.get(term, float('nan'))}; stopped before updating the weights"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.objective.after_backward(out, full)
-        if self.config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        return named
+
+    def _record_finite(self, names: list[str], values: Any, epoch: int, iteration: int) -> None:
+        """Device-side note of the first non-finite step; sets the fused optimiser's skip flag."""
+        watch = getattr(self, "_nan_watch", None)
+        if watch is None or watch.names != names:
+            watch = self._nan_watch = _NanWatch(names, values.device)
+        watch.record(values, (epoch, iteration))
+        self.optimizer.found_inf = watch.seen.float()  # fused Adam(W) skips the update
+
+    def check_finite(self) -> None:
+        """Raise for a non-finite step recorded by the sync-free path (one host sync).
+
+        Raises:
+            NonFiniteLossError: naming the first bad step's epoch, iteration and term; no weight
+                was updated from that step on.
+        """
+        watch = getattr(self, "_nan_watch", None)
+        if watch is None:
+            return
+        found = watch.first_bad()
+        if found is not None:
+            (epoch, iteration), values = found
+            self._raise_if_non_finite(watch.names, values, epoch, iteration)
 
     # ---- epochs --------------------------------------------------------------------------------
     def _epoch_pass(self, epoch: int) -> None:
@@ -611,25 +711,30 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self._epoch_pass(epoch)
         self.model.train()
-        sums: dict[str, float] = {}
+        sums: Any = None  # per-term sums on the device, read back at log steps and the end
+        names: list[str] = []
         steps, started = 0, time.perf_counter()
         bar = tqdm(self.loader, total=len(self.sampler), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         lr = self.optimizer.param_groups[0]["lr"]
         for iteration, items in enumerate(bar):
-            values = self.train_step(to_train_batch(items), epoch, iteration)
+            step = self.train_step(to_train_batch(items), epoch, iteration)
+            names, step_values = step.names, step.values
             self.global_step += 1
             steps += 1
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
+            sums = step_values.clone() if sums is None else sums.add_(step_values)
             if iteration % cfg.log_every == 0 or iteration == len(self.sampler) - 1:
+                self.check_finite()
+                values = dict(zip(names, step_values.tolist(), strict=True))
                 self.metrics.log("train", self.global_step, {**values, "lr": lr},
                                  epoch=epoch, iteration=iteration)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
         bar.close()
+        self.check_finite()  # before anything of this epoch is saved
         seconds = time.perf_counter() - started
         tracklets = steps * 2 * cfg.data.ids_per_batch * cfg.data.tracklets_per_id
-        means = {name: total / max(steps, 1) for name, total in sums.items()}
+        totals = [] if sums is None else sums.tolist()
+        means = {name: total / max(steps, 1) for name, total in zip(names, totals, strict=True)}
         self.metrics.log("epoch", self.global_step, {**means, "lr": lr, "seconds": round(seconds, 2),
                          "tracklets_per_s": round(tracklets / max(seconds, 1e-9), 2)}, epoch=epoch)
         log.info("epoch %d/%d: loss %.4f (%s) in %.1fs", epoch + 1, cfg.optim.epochs,

@@ -49,9 +49,13 @@ class IdentityPrompts(nn.Module):
         return torch.cat([prefix, self.cls_ctx.to(fixed.dtype), suffix], dim=1)
 
     def forward(self, text: TextTower) -> torch.Tensor:
-        """Text features of all identities, not normalised. Shape: [C, E]."""
+        """Text features of all identities, not normalised. Shape: [C, E].
+
+        The tower runs on the tokens up to EOT only (``TextTower.encode_embeddings``): the same
+        features for about a fifth of the cost of all 77 positions, every training step.
+        """
         eot = torch.full((self.num_classes,), self.eot_index, device=self.cls_ctx.device)
-        return text.encode_embeddings(self.embeddings(text), eot)
+        return text.encode_embeddings(self.embeddings(text)[:, : self.eot_index + 1], eot)
 
 
 def _placeholder_start(ids: torch.Tensor, text: TextTower, template: str, num_tokens: int) -> int:
