@@ -37,7 +37,13 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import build_synthetic, free_port, jpeg_frames, percentiles  # noqa: E402
+from load import (  # noqa: E402
+    build_synthetic,
+    free_port,
+    jpeg_frames,
+    percentiles,
+    wait_until_ready,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,18 +82,8 @@ def start_server(checkpoint: Path, index: Path, port: int, log, *extra: str):
                "--log-level", "warning", *extra]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("server not ready in time")
+    wait_until_ready(process, base, 300, log)
+    return process, base
 
 
 def blank_png(size: int = 4096) -> bytes:

@@ -98,7 +98,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, checkpoint: Path, index: Path, port: int, log):
     command = [
-        sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--index", str(index),
+        sys.executable, "-m", "vvireid.server", "--checkpoint", str(checkpoint), "--index", str(index),
         "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
         "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
         "--queue-size", str(args.queue_size), "--log-level", "warning",
@@ -107,14 +107,20 @@ def start_server(args: argparse.Namespace, checkpoint: Path, index: Path, port: 
         command += ["--torch-threads", str(args.torch_threads)]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
+    wait_until_ready(process, base, args.start_timeout, log)
+    return process, base
+
+
+def wait_until_ready(process: subprocess.Popen, base: str, timeout: float, log) -> None:
+    """Poll ``/readyz`` until it answers 200; exit with the server's log tail if it dies first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
             raise SystemExit(f"server exited with {process.returncode}:\n{log.read()[-3000:]}")
         try:
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
