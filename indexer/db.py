@@ -10,7 +10,9 @@ Tables::
     thumbnails  id -> JPEG BLOB
     changes     seq (AUTOINCREMENT), op ('add' | 'remove' | 'reset'), ids (int64 BLOB):
                 one row per committed write, so another process (or a snapshot) can replay
-                exactly what happened after the point it knows
+                exactly what happened after the point it knows; rows older than the snapshot
+                by more than ``CHANGES_KEPT`` are pruned (``meta.pruned_through``), and a reader
+                that fell behind that point reloads instead of replaying
 
 Why SQLite: a write is one transaction that costs O(change), a kill at any moment leaves the last
 commit, and several processes share the file with SQLite's own locking (one writer at a time,
@@ -234,8 +236,17 @@ def vector_blob(row: np.ndarray) -> bytes:
 
 
 def last_seq(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT max(seq) FROM changes").fetchone()
+    """The newest change's seq (from AUTOINCREMENT's counter: right even after pruning)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+    if row is None:
+        row = conn.execute("SELECT max(seq) FROM changes").fetchone()
     return int(row[0] or 0)
+
+
+def pruned_through(conn: sqlite3.Connection) -> int:
+    """Changes up to this seq have been deleted from the log (0: none)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()
+    return int(json.loads(row[0])) if row else 0
 
 
 def changes_since(conn: sqlite3.Connection, seq: int) -> tuple[int, list[tuple[str, np.ndarray]]]:

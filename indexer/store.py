@@ -91,6 +91,7 @@ LEGACY_MANIFEST = "manifest.json"
 _SNAPSHOT_MAGIC = b"VVIREID-SNAPSHOT\n"
 _SNAPSHOT_HEADER = 4096  # fixed-size JSON header before the FAISS bytes
 _READ_CHUNK = 20_000  # vectors read per batch when rebuilding
+CHANGES_KEPT = 10_000  # change-log rows kept behind the snapshot for readers that lag
 
 
 class TrackletExistsError(ValueError):
@@ -476,6 +477,8 @@ class GalleryIndex:
             header, vindex = _read_snapshot(file, self, verify)
             if header["seq"] > seq:
                 raise ValueError(f"it covers change {header['seq']}, the database ends at {seq}")
+            if header["seq"] < db.pruned_through(conn):
+                raise ValueError("the change log after it has been pruned")
             _, changes = db.changes_since(conn, int(header["seq"]))
             if any(op == "reset" for op, _ in changes):
                 raise ValueError("the gallery was replaced after it was written")
@@ -962,7 +965,10 @@ class GalleryIndex:
             last, changes = db.changes_since(conn, self._mem.seq)
             if not changes:
                 return
-            reset = any(op == "reset" for op, _ in changes)
+            # A reset, or a log pruned past what memory knows: replaying is impossible.
+            reset = any(op == "reset" for op, _ in changes) or (
+                self._mem.seq < db.pruned_through(conn)
+            )
             if not reset:
                 added_ids, removed = _net_changes(changes)
                 rows = [_item_from_row(r) for r in db.fetch_item_rows(conn, added_ids)]
@@ -1053,6 +1059,21 @@ class GalleryIndex:
         write_snapshot(self.path, buffer, seq=seq, count=count, params=params, owner=self)
         self._snapshot_seq = seq
         self._snapshot_at = time.monotonic()
+        self._prune_changes(seq - CHANGES_KEPT)
+
+    def _prune_changes(self, through: int) -> None:
+        """Delete change-log rows up to ``through`` (covered by the snapshot), best effort."""
+        if through <= 0 or self._pending_init:
+            return
+        try:
+            with self._mutex, db.write_transaction(self._db(), self.db_file, "prune the log"):
+                conn = self._db()
+                if db.pruned_through(conn) >= through:
+                    return
+                conn.execute("DELETE FROM changes WHERE seq <= ?", (through,))
+                db.write_meta(conn, {"pruned_through": through})
+        except (GalleryWriteError, IndexConflictError) as exc:
+            log.warning("%s: could not prune the change log (%s)", self.path, exc)
 
     def start_background(
         self, *, poll_s: float = 0.5, snapshot_every: int = 1000, snapshot_after_s: float = 300.0

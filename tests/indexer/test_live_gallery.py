@@ -200,6 +200,37 @@ def test_cli_remove_while_a_reader_has_it_open(tmp_path):
     reader.close()
 
 
+def test_change_log_is_pruned_behind_the_snapshot(tmp_path, monkeypatch):
+    """The log stays bounded; a reader that lagged past the pruned point reloads, and an old
+    snapshot that can no longer be replayed is rebuilt."""
+    from vvireid.indexer import store
+
+    monkeypatch.setattr(store, "CHANGES_KEPT", 3)
+    path = tmp_path / "g"
+    writer = new_gallery(path)
+    writer.add([item(0)], vector(0)[None])
+    lagging = GalleryIndex.open(path, device="cpu")
+    old_snapshot = tmp_path / "old.faiss"
+    writer.save()
+    (path / "snapshot.faiss").replace(old_snapshot)
+    for i in range(1, 12):
+        writer.add([item(i)], vector(i)[None])
+    writer.remove(["t5"])
+    writer.save()
+    conn = sqlite3.connect(path / DB_NAME)
+    kept = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+    conn.close()
+    assert kept == 3  # 13 changes, pruned to the 3 behind the snapshot
+    assert lagging.refresh() > 0 and len(lagging) == 11 and "t5" not in lagging
+    assert lagging._mem.vindex.ntotal == 11
+    writer.add([item(20)], vector(20)[None])  # after pruning, seqs go on
+    assert lagging.refresh() == 1 and "t20" in lagging
+    old_snapshot.replace(path / "snapshot.faiss")  # a snapshot from before the pruned point
+    reopened = GalleryIndex.open(path, device="cpu")
+    assert sorted(reopened.tracklet_ids()) == sorted(writer.tracklet_ids())
+    assert reopened._mem.vindex.ntotal == 12
+
+
 def test_busy_database_gives_a_clear_error_and_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(db, "BUSY_TIMEOUT_S", 0.2)
     path = tmp_path / "g"
