@@ -322,11 +322,12 @@ class GalleryIndex:
         nprobe: int | None = None,
         synchronous: str = "FULL",
     ) -> GalleryIndex:
-        """A new, empty gallery in ``path`` (its database is created and committed at once).
+        """A new, empty gallery for ``path``; nothing is written before the first :meth:`add`
+        (or :meth:`save`), whose transaction creates the database, so an interrupted build
+        leaves no half-made gallery behind.
 
         With ``overwrite`` an existing gallery in ``path`` stays loadable and unchanged until
-        the first :meth:`add` (or :meth:`save`) of the new one, which replaces it in the same
-        transaction.
+        that first commit, which replaces its content in the same transaction.
 
         Raises:
             ValueError: bad dim, similarity or index type.
