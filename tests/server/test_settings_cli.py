@@ -94,7 +94,7 @@ def test_console_script_serves_and_stops_cleanly(tiny_gallery: TinyGallery):
     env = {**os.environ, "VVIREID_CHECKPOINT": str(tiny_gallery.checkpoint),
            "VVIREID_INDEX": str(tiny_gallery.index), "VVIREID_TORCH_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--device", "cpu"],
+        [sys.executable, "-m", "vvireid.server", "--port", str(port), "--device", "cpu"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -95,7 +95,7 @@ def test_torchrun_two_cpu_processes_fit_the_smoke_recipe(tmp_path_factory, tmp_p
         synthesize(root, "hitsz-vcm", ids=8, cameras=2, seed=5, frames=(12, 12), image_size=(64, 32))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "training", "fit", "--config", "smoke",
+           "--master_port", str(_free_port()), "-m", "vvireid.training", "fit", "--config", "smoke",
            "--data-root", str(root), "--out", str(run), "--device", "cpu",
            "--set", "optim.epochs=1", "--set", "optim.iters_per_epoch=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
