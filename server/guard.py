@@ -9,11 +9,12 @@ What is bounded, and where:
 - **Idle keep-alive connections**: uvicorn's ``timeout_keep_alive`` (``keep_alive_s``).
 - **Time to send the body**: ``body_timeout_s`` from the first read of the body to its last
   byte (:class:`GuardMiddleware`); a slower client gets 408.
-- **Work admitted at once**: model routes (query, gallery writes) take one of ``max_in_flight``
-  slots before their body is read. A request that finds ``queue_size`` others already waiting
-  gets 503 at once; one that waits ``admission_timeout_s`` without a slot gets 503 then. Both
-  carry ``Retry-After``. ``max_in_flight <= queue_size`` (a settings rule), so an admitted
-  request always finds room in the batch queue.
+- **Work admitted at once**: model routes (query, gallery add) take one of ``max_in_flight``
+  slots once their body has arrived, before any frame is decoded (a slow upload holds no slot).
+  A request that finds ``queue_size`` others already waiting gets 503 at once; one that waits
+  ``admission_timeout_s`` without a slot gets 503 then. Both carry ``Retry-After``.
+  ``max_in_flight <= queue_size`` (a settings rule), so an admitted request always finds room in
+  the batch queue.
 - **Unauthorised writes** are refused from the headers, before a byte of body is read.
 
 Every response also gets the security headers (CSP without inline scripts, no framing, nosniff).
@@ -55,7 +56,7 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 
-_MODEL_ROUTES = re.compile(r"(POST /v1/query|POST /query|POST /v1/gallery|DELETE /v1/gallery/.+)")
+_MODEL_ROUTES = re.compile(r"(POST /v1/query|POST /query|POST /v1/gallery)")
 _WRITE_ROUTES = re.compile(r"(POST /v1/gallery|DELETE /v1/gallery/.+)")
 
 
@@ -146,20 +147,36 @@ class GuardMiddleware:
                 await send_error(scope, send, problem.status_code, problem.code,
                                  problem.message, problem.part, problem.headers)
                 return
+        timed = self._timed_receive(receive)
         if not _MODEL_ROUTES.fullmatch(route):
-            await self.app(scope, self._timed_receive(receive), send)
+            await self.app(scope, timed, send)
             return
+        admitted = False
+
+        async def admitting_receive() -> Message:
+            """The body's last chunk is handed over only once the request has a slot.
+
+            Admission waits for the whole body, so a client that uploads slowly holds no slot
+            (its upload is bounded by body_timeout_s instead) and decoding starts at once.
+            """
+            nonlocal admitted
+            message = await timed()
+            last = message["type"] == "http.request" and not message.get("more_body", False)
+            if last and not admitted:
+                try:
+                    await self.admission.acquire()
+                except AdmissionRejectedError as exc:
+                    self.on_reject()
+                    raise ApiError(503, "overloaded", str(exc),
+                                   headers={"Retry-After": str(exc.retry_after_s)}) from None
+                admitted = True
+            return message
+
         try:
-            await self.admission.acquire()
-        except AdmissionRejectedError as exc:
-            self.on_reject()
-            await send_error(scope, send, 503, "overloaded", str(exc), None,
-                             {"Retry-After": str(exc.retry_after_s)})
-            return
-        try:
-            await self.app(scope, self._timed_receive(receive), send)
+            await self.app(scope, admitting_receive, send)
         finally:
-            await self.admission.release()
+            if admitted:
+                await self.admission.release()
 
     def _timed_receive(self, receive: Receive) -> Callable[[], Awaitable[Message]]:
         """``receive`` that gives up once the body has taken ``body_timeout_s``."""

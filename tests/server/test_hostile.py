@@ -11,6 +11,7 @@ import concurrent.futures
 import io
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -136,35 +137,62 @@ def test_large_frames_decode_at_reduced_size_and_small_ones_do_not():
 
 
 def test_admission_answers_503_with_retry_after_then_recovers(tiny_gallery: TinyGallery):
-    """One slot, one waiting place: a request stuck uploading holds the slot, the next one waits
-    its admission deadline and gets 503, one more gets 503 at once; the slot frees when the
-    stuck client goes, and the next query is served."""
-    settings = make_settings(tiny_gallery, max_in_flight=1, queue_size=1,
-                             admission_timeout_s=0.5, body_timeout_s=30)
+    """One slot, one waiting place, a model stuck on the first request: the next request waits
+    its admission deadline and gets 503, one more gets 503 at once; when the model answers,
+    the next query is served."""
+
+    settings = make_settings(tiny_gallery, max_in_flight=1, queue_size=1, admission_timeout_s=0.5)
     probe = tiny_gallery.of(Modality.INFRARED, 1)
-    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10) as http:
-        stuck = raw_request(base, slow_query_head(), b"--b\r\n")
-        time.sleep(0.2)  # the stuck request takes the slot
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            waiting = pool.submit(lambda: (time.perf_counter(), http.post("/v1/query",
-                                                                           **query_files(probe))))
-            time.sleep(0.1)
+    with running_client(settings) as client:
+        encoder = client.app.state.engine.encoder
+        real_encode = encoder.encode_prepared
+        gate, entered = threading.Event(), threading.Event()
+
+        def stuck_encode(*args, **kwargs):
+            entered.set()
+            gate.wait(30)
+            return real_encode(*args, **kwargs)
+
+        encoder.encode_prepared = stuck_encode
+
+        def timed_post() -> tuple[float, object]:
             started = time.perf_counter()
-            immediate = http.post("/v1/query", **query_files(probe))
-            immediate_s = time.perf_counter() - started
-            began, waited = waiting.result()
-            waited_s = time.perf_counter() - began
+            response = client.post("/v1/query", **query_files(probe))
+            return time.perf_counter() - started, response
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            holder = pool.submit(client.post, "/v1/query", **query_files(probe))
+            assert entered.wait(10)
+            waiting = pool.submit(timed_post)
+            time.sleep(0.15)
+            immediate_s, immediate = timed_post()
+            waited_s, waited = waiting.result(10)
+            gate.set()
+            assert holder.result(30).status_code == 200
+        encoder.encode_prepared = real_encode
         assert immediate.status_code == 503 and immediate.headers["retry-after"] == "1"
         assert immediate.json()["error"]["code"] == "overloaded"
         assert immediate_s < 0.4, f"a full queue must answer at once, took {immediate_s:.2f} s"
         assert waited.status_code == 503 and "admission_timeout_s" in waited.text
+        assert waited.headers["retry-after"] == "1"
         assert 0.4 < waited_s < 2.0
-        stuck.close()
+        assert client.post("/v1/query", **query_files(probe)).status_code == 200
+        assert "vvireid_queue_rejected_total 2" in client.get("/metrics").text
+
+
+def test_slow_uploads_hold_no_slot(tiny_gallery: TinyGallery):
+    """Three clients stuck mid-upload against a one-slot server: a normal query is still
+    served, because a request takes its slot only once its body has arrived."""
+    settings = make_settings(tiny_gallery, max_in_flight=1, queue_size=1,
+                             admission_timeout_s=0.5, body_timeout_s=30)
+    probe = tiny_gallery.of(Modality.INFRARED, 1)
+    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10) as http:
+        stuck = [raw_request(base, slow_query_head(), b"--b\r\n") for _ in range(3)]
         time.sleep(0.2)
-        served = http.post("/v1/query", **query_files(probe))
-        assert served.status_code == 200, served.text
-        metrics = http.get("/metrics").text
-        assert "vvireid_queue_rejected_total 2" in metrics
+        response = http.post("/v1/query", **query_files(probe))
+        for sock in stuck:
+            sock.close()
+    assert response.status_code == 200, response.text
 
 
 def test_overload_every_client_answered_quickly(tiny_gallery: TinyGallery):
