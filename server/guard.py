@@ -140,7 +140,10 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = f"{scope['method']} {scope['path']}"
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a proxy prefix (--root-path)
+            path = path[len(root):]
+        route = f"{scope['method']} {path}"
         if _WRITE_ROUTES.fullmatch(route):
             problem = self.check_key(_header(scope, b"x-api-key"))
             if problem is not None:
