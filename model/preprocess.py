@@ -19,10 +19,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from vvireid.model.sampling import sample_test
 
+try:  # libjpeg-turbo without PIL's per-image overhead; PIL decodes everything if it is missing
+    import simplejpeg
+except ImportError:  # pragma: no cover - a core dependency, absent only in trimmed installs
+    simplejpeg = None
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FrameSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class FrameError(ValueError):
@@ -76,16 +82,42 @@ def load_image(source: FrameSource, where: str | None = None) -> Image.Image:
             return Image.fromarray(np.ascontiguousarray(source).squeeze()).convert("RGB")
         raise FrameError(label, f"array of shape {source.shape} is not an HxW or HxWx3 image")
     try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as exc:
         raise FrameError(label, f"cannot open: {exc.strerror or exc}") from None
+    fast = decode_jpeg_rgb(data)
+    if fast is not None:
+        return fast
     try:
-        with stream:
-            image = Image.open(stream)
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FrameError(label, f"not a readable image ({exc})") from None
+
+
+def decode_jpeg_rgb(data: bytes) -> Image.Image | None:
+    """A JPEG decoded by libjpeg-turbo (simplejpeg) straight to RGB, or None to use PIL.
+
+    Same library and settings as PIL's decoder (accurate integer DCT, smooth chroma
+    upsampling), so the pixels are PIL's (``tests/model/test_decode.py``), at about half the
+    cost for video-sized frames. None for non-JPEG data, when simplejpeg is missing, for
+    images over PIL's decompression-bomb limit (PIL then warns or refuses as it always did),
+    for CMYK/YCCK (PIL's own conversion is kept) and for anything simplejpeg declines: PIL then decodes the frame or
+    names the problem.
+    """
+    if simplejpeg is None or not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        limit = Image.MAX_IMAGE_PIXELS
+        if colorspace not in ("YCbCr", "Gray", "RGB") or (
+            limit is not None and height * width > limit
+        ):
+            return None  # CMYK/YCCK: PIL's conversion to RGB rounds differently
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    except (ValueError, RuntimeError, OSError):
+        return None
 
 
 class FramePreprocessor:
