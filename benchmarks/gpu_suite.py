@@ -15,8 +15,17 @@ Sections (each in its own time box; one that fails or lacks a dependency is repo
   minimum cosine of each mode's features to fp32 ones on the same clips.
 - ``train``: ``benchmarks/train_step.py`` (VLD and X-ReID recipes, bf16) in a subprocess.
 - ``decode``: milliseconds to decode a 6-frame 288x144 JPEG query on one CPU thread with PIL,
-  simplejpeg and torchvision (whichever are installed), and batched ``decode_jpeg`` on the GPU.
+  simplejpeg and torchvision (whichever are installed), and batched ``decode_jpeg`` on the GPU;
+  plus ``benchmarks/decode.py``'s figures (``load_image`` and the whole CPU preprocessing).
+- ``index``: indexing throughput end to end: :class:`~vvireid.indexer.encode.TrackletEncoder`
+  (its defaults: bf16 weights, compiled batch buckets on CUDA, one decode thread per core) over
+  in-memory synthetic JPEG tracklets (12 frames each, VLD T=6), thumbnails on and off.
 - ``server``: ``benchmarks/load.py`` (32 clients, a 100k gallery) when fastapi and faiss import.
+
+Time boxes: the whole run has ``--budget-s`` (default 450 s). A compiled mode starts only while
+``--compile-reserve-s`` is left, a subprocess section gets at most what is left, and a section
+that would start past the budget is reported as skipped; so the suite ends within about 8
+minutes on one GPU by construction.
 
 Without a GPU (and without ``--smoke``) it prints ``{"skipped": ...}`` and exits 0, so it can sit in
 any script. Targets (issue 13): VLD T=6 >= 2,000 tracklets/s and X-ReID T=10 >= 1,200/s encoding,
@@ -44,6 +53,12 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
+_DEADLINE = [float("inf")]  # monotonic time at which the budget ends (set by main)
+
+
+def _left() -> float:
+    """Seconds of the suite's budget still left."""
+    return _DEADLINE[0] - time.perf_counter()
 
 ENCODE_CASES = (("baseline", 6), ("vld", 6), ("xreid", 10))
 
@@ -103,6 +118,9 @@ def bench_encode(args: argparse.Namespace, device: torch.device) -> list[dict[st
         for mode, compiled in (("bf16", False), ("bf16_compiled", True)):
             if compiled and args.no_compile:
                 continue
+            if compiled and _left() < args.compile_reserve_s:
+                row[f"{mode}_skipped"] = f"time box: {_left():.0f} s left"
+                continue
             runner = InferenceModel(copy.deepcopy(model), device, dtype=torch.bfloat16,
                                     compile=compiled, buckets=(batch,))
             started = time.perf_counter()
@@ -151,6 +169,10 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
         result["simplejpeg_ms"] = round(1000 * iters / _rate(sj, iters, iters,
                                                               torch.device("cpu")), 3)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode import measure  # benchmarks/decode.py: the repo's own decode path
+
+    result["query"] = measure(6, 288, 144, iters)
     if importlib.util.find_spec("torchvision"):
         from torchvision.io import decode_jpeg
 
@@ -165,8 +187,59 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return result
 
 
+def bench_index(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Tracklets/s of ``TrackletEncoder.encode_tracklets`` over synthetic in-memory JPEGs."""
+    import os
+
+    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.model.backbone import register_tiny_configs
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.factory import create_model
+    from vvireid.model.types import Modality, Tracklet
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode import synthetic_frames
+
+    register_tiny_configs()
+    size = (64, 32) if args.smoke else (288, 144)
+    count = 8 if args.smoke else args.index_tracklets
+    frames = synthetic_frames(12, *size)  # 12 distinct frames, shared by every tracklet
+    tracklets = [
+        Tracklet(f"t{i:06d}", tuple(frames), Modality.VISIBLE if i % 2 else Modality.INFRARED,
+                 i % 6)
+        for i in range(count)
+    ]
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(
+        "vld", 500, backbone="vvireid-tiny" if args.smoke else "ViT-B-16", image_size=size,
+        seq_len=6, num_cameras=6,
+    ))
+    workers = os.cpu_count() or 4
+    encoder = TrackletEncoder(
+        model, device=str(device), batch_size=4 if args.smoke else args.encode_batch,
+        num_workers=workers,
+        compile=False if args.no_compile or _left() < args.compile_reserve_s else None,
+    )
+    result: dict[str, Any] = {
+        "tracklets": count, "frames_per_tracklet": 12, "seq_len": 6, "size": list(size),
+        "decode_threads": workers, "dtype": str(encoder.dtype).replace("torch.", ""),
+        "compiled": encoder.runner.compiled, "warmup_s": round(encoder.warm_up(), 1),
+    }
+    for thumbnails in (True, False):
+        started = time.perf_counter()
+        done = sum(len(chunk.tracklets) for chunk in
+                   encoder.encode_tracklets(tracklets, thumbnails=thumbnails))
+        _sync(device)
+        key = "with_thumbnails" if thumbnails else "without_thumbnails"
+        result[f"{key}_per_s"] = round(done / (time.perf_counter() - started), 1)
+    encoder.close()
+    result["target_per_s"] = 1500
+    return result
+
+
 def run_subprocess(command: list[str], timeout: float) -> dict[str, Any]:
     """Run a benchmark script that prints JSON; return its last JSON object or the failure."""
+    timeout = max(1.0, min(timeout, _left()))
     started = time.perf_counter()
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -212,6 +285,7 @@ def bench_server(args: argparse.Namespace, device: torch.device) -> dict[str, An
 SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device], Any]] = {
     "encode": bench_encode,
     "decode": bench_decode,
+    "index": bench_index,
     "train": bench_train,
     "server": bench_server,
 }
@@ -228,6 +302,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encode-iters", type=int, default=10, help="timed encode calls")
     parser.add_argument("--section-timeout", type=float, default=180.0,
                         help="seconds allowed to each subprocess section")
+    parser.add_argument("--index-tracklets", type=int, default=3000,
+                        help="synthetic tracklets in the index section")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="the whole suite's time box in seconds")
+    parser.add_argument("--compile-reserve-s", type=float, default=150.0,
+                        help="a compiled mode starts only while this much budget is left")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SECTIONS)
@@ -252,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
+    _DEADLINE[0] = started + args.budget_s
     for name in args.only.split(","):
+        if _left() <= 0:
+            report[name] = {"skipped": f"time box: the {args.budget_s:.0f} s budget is spent"}
+            continue
         t0 = time.perf_counter()
         try:
             report[name] = SECTIONS[name](args, device)
