@@ -118,6 +118,8 @@ def bench_encode(args: argparse.Namespace, device: torch.device) -> list[dict[st
         for mode, compiled in (("bf16", False), ("bf16_compiled", True)):
             if compiled and args.no_compile:
                 continue
+            if compiled and method not in args.compile_methods.split(","):
+                continue
             if compiled and _left() < args.compile_reserve_s:
                 row[f"{mode}_skipped"] = f"time box: {_left():.0f} s left"
                 continue
@@ -217,13 +219,14 @@ def bench_index(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     workers = os.cpu_count() or 4
     encoder = TrackletEncoder(
         model, device=str(device), batch_size=4 if args.smoke else args.encode_batch,
-        num_workers=workers,
+        num_workers=workers, buckets=(4,) if args.smoke else (args.encode_batch,),
         compile=False if args.no_compile or _left() < args.compile_reserve_s else None,
     )
     result: dict[str, Any] = {
         "tracklets": count, "frames_per_tracklet": 12, "seq_len": 6, "size": list(size),
         "decode_threads": workers, "dtype": str(encoder.dtype).replace("torch.", ""),
-        "compiled": encoder.runner.compiled, "warmup_s": round(encoder.warm_up(), 1),
+        "compiled": encoder.runner.compiled, "buckets": list(encoder.runner.buckets),
+        "warmup_s": round(encoder.warm_up(), 1),
     }
     for thumbnails in (True, False):
         started = time.perf_counter()
@@ -234,6 +237,87 @@ def bench_index(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         result[f"{key}_per_s"] = round(done / (time.perf_counter() - started), 1)
     encoder.close()
     result["target_per_s"] = 1500
+    return result
+
+
+def bench_profile(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where one VLD training step's time goes: torch.profiler over a few steps of the recipe.
+
+    Reports the step time, the share of the identity prompts through the frozen text tower
+    (forward and backward, timed on their own, at the EOT cut and at all 77 positions), and
+    the operators with the most self time (device time on CUDA, CPU time otherwise).
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from vvireid.model.backbone import register_tiny_configs
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.factory import create_model
+    from vvireid.training.config import load_config
+    from vvireid.training.objectives import create_objective
+    from vvireid.training.optim import create_optimizer, create_scheduler, is_fused
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_step import RECIPES, synthetic_batch
+
+    register_tiny_configs()
+    config = load_config(RECIPES["vld"], ["model.pretrained=null"])
+    m, data = config.model, config.data
+    size = (64, 32) if args.smoke else tuple(m.image_size)
+    classes = 500
+    model = create_model(ModelConfig(
+        m.method, classes, backbone="vvireid-tiny" if args.smoke else m.backbone,
+        image_size=size, seq_len=m.seq_len, options=m.options,
+    )).to(device)
+    objective = create_objective(m.method, model, config.loss)
+    optimizer = create_optimizer(model, config.optim)
+    create_scheduler(optimizer, config.optim).set_epoch(5)
+    batch = synthetic_batch(data.ids_per_batch, data.tracklets_per_id, m.seq_len, size, classes,
+                            6, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with amp:
+            out = model(batch.clips, batch.camids)
+            terms = objective(out, batch)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        objective.after_backward(out, batch)
+        optimizer.step()
+
+    def prompts(full: bool) -> None:
+        text, cut = model.backbone.text, model.prompts
+        with amp:
+            if full:
+                eot = torch.full((cut.num_classes,), cut.eot_index, device=device)
+                feats = text.encode_embeddings(cut.embeddings(text), eot)
+            else:
+                feats = cut(text)
+        feats.float().square().sum().backward()
+
+    model.train()
+    steps = 1 if args.smoke else 5
+    result: dict[str, Any] = {
+        "recipe": RECIPES["vld"], "batch_tracklets": batch.clips.shape[0], "classes": classes,
+        "fused_optimizer": is_fused(optimizer), "size": list(size),
+        "step_s": round(steps / _rate(step, steps, steps, device), 4),
+        "prompts_eot_cut_s": round(steps / _rate(lambda: prompts(False), steps, steps, device), 4),
+        "prompts_77_tokens_s": round(steps / _rate(lambda: prompts(True), steps, steps, device), 4),
+    }
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
+    result["top_ops"] = [
+        {"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+         "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // steps}
+        for e in top
+    ]
+    result["profiled_ms_per_step"] = round(total / 1000 / steps, 2)
     return result
 
 
@@ -286,6 +370,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device], Any]] = {
     "encode": bench_encode,
     "decode": bench_decode,
     "index": bench_index,
+    "profile": bench_profile,
     "train": bench_train,
     "server": bench_server,
 }
@@ -302,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encode-iters", type=int, default=10, help="timed encode calls")
     parser.add_argument("--section-timeout", type=float, default=180.0,
                         help="seconds allowed to each subprocess section")
+    parser.add_argument("--compile-methods", default="vld,xreid",
+                        help="methods whose compiled mode the encode section measures")
     parser.add_argument("--index-tracklets", type=int, default=3000,
                         help="synthetic tracklets in the index section")
     parser.add_argument("--budget-s", type=float, default=450.0,
