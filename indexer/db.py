@@ -93,23 +93,38 @@ def connect(file: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
     """
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
-    target = f"file:{file}?mode=ro" if readonly else f"file:{file}?mode=rwc"
+    if not readonly and file.exists() and not os.access(file.parent, os.W_OK):
+        # A read-only folder (e.g. a read-only mount for query-only servers): WAL cannot create
+        # its -shm file there, so open the database frozen; every write then fails clearly.
+        log.warning(
+            "%s: the folder is read-only; the gallery is opened read-only and frozen (writes "
+            "fail, changes made through another mount are not seen)", file
+        )
+        return _open(f"file:{file}?mode=ro&immutable=1", file, synchronous, wal=False)
     if not readonly:
         # SQLite creates a database 0644 whatever the umask, and its -wal/-shm files copy the
         # database's mode: create the file first so all three honour the umask (0o666 & ~umask).
         with contextlib.suppress(FileExistsError):
             os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    target = f"file:{file}?mode=ro" if readonly else f"file:{file}?mode=rwc"
+    return _open(target, file, synchronous, wal=not readonly)
+
+
+def _open(target: str, file: Path, synchronous: str, *, wal: bool) -> sqlite3.Connection:
+    conn = None
     try:
         conn = sqlite3.connect(
             target, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        if not readonly:
+        if wal:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("%s: journal mode is %s, not WAL (unsupported file system?)", file, mode)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA foreign_keys=OFF")
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
         raise translate(exc, file, "open") from None
     return conn
 

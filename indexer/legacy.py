@@ -16,6 +16,7 @@ kept as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import faiss
 import numpy as np
 from vvireid.indexer import db
 from vvireid.indexer.backend import INDEX_TYPES, IndexParams, VectorIndex
-from vvireid.indexer.db import DB_NAME, IndexFormatError
+from vvireid.indexer.db import DB_NAME, GalleryWriteError, IndexFormatError
 from vvireid.model import fileio as files
 from vvireid.model.types import Modality
 
@@ -115,6 +116,11 @@ def migrate(path: str | Path) -> dict[str, Any]:
         remove_legacy_files(path)
         return {"index": str(path), "converted": 0, "note": "already converted"}
     header = read_manifest(path)
+    if not os.access(path, os.W_OK):
+        raise GalleryWriteError(
+            errno.EROFS, f"{path}: a format-1 index in a read-only folder; convert it once "
+            f"with write access (`vvireid-index migrate {path}`), then it opens read-only too"
+        )
     listed = header["files"]
     for entry in _entries(listed):
         _verify(path, entry)

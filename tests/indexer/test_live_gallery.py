@@ -275,6 +275,57 @@ def test_full_disk_and_read_only_leave_memory_equal_to_disk(tmp_path):
     assert sorted(reopened.tracklet_ids()) == sorted(before)
 
 
+@pytest.fixture
+def read_only_view(tmp_path):
+    """``view(folder)`` -> a read-only bind mount of ``folder`` (skips where mounts are denied)."""
+    mounts: list[Path] = []
+
+    def view(folder: Path) -> Path:
+        target = tmp_path / f"ro-{len(mounts)}"
+        target.mkdir()
+        done = subprocess.run(
+            f"mount --bind '{folder}' '{target}' && mount -o remount,bind,ro '{target}'",
+            shell=True, capture_output=True, check=False,
+        )
+        if done.returncode:
+            subprocess.run(["umount", str(target)], capture_output=True, check=False)
+            pytest.skip("needs permission to make a read-only bind mount")
+        mounts.append(target)
+        return target
+
+    yield view
+    for target in mounts:
+        subprocess.run(["umount", str(target)], capture_output=True, check=False)
+
+
+def test_read_only_folder_serves_and_refuses_writes_clearly(tmp_path, read_only_view, caplog):
+    """A gallery on a read-only mount (a query-only server) opens frozen: searches and
+    thumbnails work, a write is a clear error that changes nothing."""
+    path = tmp_path / "g"
+    index = new_gallery(path)
+    index.add([item(i) for i in range(4)], np.stack([vector(i) for i in range(4)]), [b"j"] * 4)
+    index.save()
+    index.close()
+    view = read_only_view(path)
+    with caplog.at_level("WARNING"):
+        frozen = GalleryIndex.open(view, device="cpu")
+    assert "read-only" in caplog.text
+    try:
+        assert len(frozen) == 4 and frozen.thumbnail("t2") == b"j"
+        assert frozen.search(vector(2), 1)[0][0].tracklet_id == "t2"
+        with pytest.raises(GalleryWriteError, match="read-only"):
+            frozen.add([item(9)], vector(9)[None])
+        with pytest.raises(GalleryWriteError, match="read-only"):
+            frozen.remove(["t1"])
+        assert len(frozen) == 4 and "t1" in frozen and "t9" not in frozen
+    finally:
+        frozen.close()
+    old = tmp_path / "old"
+    write_format_1(old, 3, removed=set())
+    with pytest.raises(GalleryWriteError, match="read-only folder.*migrate"):
+        GalleryIndex.open(read_only_view(old), device="cpu")
+
+
 def test_snapshot_into_an_unwritable_folder_is_a_clear_error(tmp_path):
     path = tmp_path / "g"
     index = new_gallery(path)
