@@ -300,7 +300,6 @@ class GalleryIndex:
         self._reset_seq: int | None = None
         self._data_version: int | None = None
         self._snapshot_seq = -1
-        self._snapshot_at = time.monotonic()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -1045,11 +1044,13 @@ class GalleryIndex:
         self._write_snapshot()
 
     def _write_snapshot(self) -> None:
-        """Serialise the index (under the read lock: writers wait, searches do not) and write it.
+        """Serialise the index and write it (see :func:`write_snapshot` for the format).
 
-        See :func:`write_snapshot` for the file format.
+        Serialising holds the writers' mutex, not the readers-writer lock: memory cannot change
+        meanwhile (every change is applied under the mutex), FAISS serialisation only reads, so
+        searches go on; a write arriving meanwhile waits. The disk write holds nothing.
         """
-        with self._lock.read():
+        with self._mutex:
             memory = self._mem
             seq = memory.seq
             if seq == self._snapshot_seq and (self.path / SNAPSHOT).exists():
@@ -1059,7 +1060,6 @@ class GalleryIndex:
             count, params = memory.vindex.ntotal, memory.vindex.params
         write_snapshot(self.path, buffer, seq=seq, count=count, params=params, owner=self)
         self._snapshot_seq = seq
-        self._snapshot_at = time.monotonic()
         self._prune_changes(seq - CHANGES_KEPT)
 
     def _prune_changes(self, through: int) -> None:
@@ -1077,12 +1077,14 @@ class GalleryIndex:
             log.warning("%s: could not prune the change log (%s)", self.path, exc)
 
     def start_background(
-        self, *, poll_s: float = 0.5, snapshot_every: int = 1000, snapshot_after_s: float = 300.0
+        self, *, poll_s: float = 0.5, snapshot_every: int = 1000, snapshot_fraction: float = 0.1
     ) -> None:
         """Start the daemon thread that applies other processes' commits and writes snapshots.
 
-        A snapshot is written when ``snapshot_every`` changes are not covered by one, or when
-        any change is older than ``snapshot_after_s`` seconds and not covered.
+        A snapshot is written once the changes it would cover number at least ``snapshot_every``
+        and ``snapshot_fraction`` of the gallery: replay at open stays a fraction of a rebuild,
+        and a snapshot (the whole index) costs at most 1 / ``snapshot_fraction`` vectors of
+        writing per change, whatever the gallery size.
         """
         if self._worker is not None:
             return
@@ -1093,8 +1095,7 @@ class GalleryIndex:
                 try:
                     self.refresh()
                     behind = self._mem.seq - max(self._snapshot_seq, 0)
-                    stale = time.monotonic() - self._snapshot_at >= snapshot_after_s
-                    if behind >= snapshot_every or (behind > 0 and stale):
+                    if behind >= max(snapshot_every, snapshot_fraction * len(self)):
                         self._write_snapshot()
                 except Exception:  # noqa: BLE001 - a background task must keep running
                     log.exception("%s: background refresh/snapshot failed", self.path)

@@ -184,6 +184,26 @@ def test_another_process_commits_are_picked_up(tmp_path):
         writer.close()
 
 
+def test_background_thread_writes_snapshots_that_open_uses(tmp_path, caplog):
+    path = tmp_path / "g"
+    index = new_gallery(path)
+    index.add([item(0)], vector(0)[None])
+    index.start_background(poll_s=0.02, snapshot_every=5, snapshot_fraction=0.5)
+    try:
+        for i in range(1, 9):
+            index.add([item(i)], vector(i)[None])
+        deadline = time.monotonic() + 10
+        while index.stats()["snapshot_seq"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert index.stats()["snapshot_seq"] >= 5
+    finally:
+        index.close()
+    with caplog.at_level("INFO", logger="vvireid.indexer.store"):
+        reopened = GalleryIndex.open(path, device="cpu")
+    assert "loaded snapshot" in caplog.text and "rebuilding" not in caplog.text
+    assert len(reopened) == 9 and reopened._mem.vindex.ntotal == 9
+
+
 @pytest.mark.slow  # the CLI process imports torch: about 5 s here
 def test_cli_remove_while_a_reader_has_it_open(tmp_path):
     """``vvireid-index remove`` on a gallery that another process has open: no conflict."""
