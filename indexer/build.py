@@ -493,7 +493,7 @@ def build_index(
             device="cpu",
         )
 
-    create(index_type)  # fail fast on an existing index or bad parameters, before hours of encoding
+    create(index_type).close()  # fail fast on an existing index or bad parameters, before hours of encoding
     encoded = encode_resumable(
         encoder,
         tracklets,
@@ -512,22 +512,22 @@ def build_index(
         )
         log.warning(warnings[-1])
         index_type = "flat"
-    index = create(index_type)
-    index.add(
-        [gallery_item(t) for t in encoded.tracklets],
-        encoded.vectors,
-        encoded.thumbnails if thumbnails else None,
-    )
-    index.save()
-    PartialEncodings.clear(out)
-    return _summary(
-        "build",
-        index,
-        encoded,
-        budget.allowed(len(tracklets) + len(prior_failures)),
-        encoder,
-        warnings,
-    )
+    with create(index_type) as index:
+        index.add(
+            [gallery_item(t) for t in encoded.tracklets],
+            encoded.vectors,
+            encoded.thumbnails if thumbnails else None,
+        )
+        index.save()
+        PartialEncodings.clear(out)
+        return _summary(
+            "build",
+            index,
+            encoded,
+            budget.allowed(len(tracklets) + len(prior_failures)),
+            encoder,
+            warnings,
+        )
 
 
 def add_to_index(
@@ -549,31 +549,31 @@ def add_to_index(
         TooManyFailuresError: failures beyond the budget; the index is left as it was.
     """
     budget = budget or FailureBudget.parse(DEFAULT_MAX_FAILURES)
-    index = GalleryIndex.open(
+    with GalleryIndex.open(
         index_dir, expected_fingerprint=encoder.fingerprint, expected_dim=encoder.dim, device="cpu"
-    )
-    duplicates = [t.tracklet_id for t in tracklets if t.tracklet_id in index]
-    fresh = [t for t in tracklets if t.tracklet_id not in index]
-    encoded = encode_resumable(
-        encoder,
-        fresh,
-        index.path,
-        budget=budget,
-        prior_failures=prior_failures,
-        chunk_size=chunk_size,
-        thumbnails=thumbnails,
-        progress=progress,
-    )
-    if encoded.tracklets:
-        index.add(
-            [gallery_item(t) for t in encoded.tracklets],
-            encoded.vectors,
-            encoded.thumbnails if thumbnails else None,
+    ) as index:
+        duplicates = [t.tracklet_id for t in tracklets if t.tracklet_id in index]
+        fresh = [t for t in tracklets if t.tracklet_id not in index]
+        encoded = encode_resumable(
+            encoder,
+            fresh,
+            index.path,
+            budget=budget,
+            prior_failures=prior_failures,
+            chunk_size=chunk_size,
+            thumbnails=thumbnails,
+            progress=progress,
         )
-        index.save()
-    PartialEncodings.clear(index.path)
-    summary = _summary(
-        "add", index, encoded, budget.allowed(len(fresh) + len(prior_failures)), encoder, []
-    )
-    summary["duplicates"] = duplicates
-    return summary
+        if encoded.tracklets:
+            index.add(
+                [gallery_item(t) for t in encoded.tracklets],
+                encoded.vectors,
+                encoded.thumbnails if thumbnails else None,
+            )
+            index.save()
+        PartialEncodings.clear(index.path)
+        summary = _summary(
+            "add", index, encoded, budget.allowed(len(fresh) + len(prior_failures)), encoder, []
+        )
+        summary["duplicates"] = duplicates
+        return summary

@@ -100,6 +100,14 @@ def connect(file: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
             "%s: the folder is read-only; the gallery is opened read-only and frozen (writes "
             "fail, changes made through another mount are not seen)", file
         )
+        wal_file = file.with_name(file.name + "-wal")
+        if wal_file.exists() and wal_file.stat().st_size > 0:
+            # Opened immutable, SQLite would ignore these commits and serve an older gallery.
+            raise IndexFormatError(
+                f"{file}: the folder is read-only and recent commits are still in {wal_file.name}; "
+                "open the gallery once as a user who can write the folder (for example "
+                "`vvireid-index info DIR`) to fold them into the database, then retry"
+            )
         return _open(f"file:{file}?mode=ro&immutable=1", file, synchronous, wal=False)
     if not readonly:
         # SQLite creates a database 0644 whatever the umask, and its -wal/-shm files copy the

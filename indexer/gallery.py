@@ -374,13 +374,15 @@ def merge_galleries(
             items = [shard.get(t) for t in ids]
             merged.add(items, shard.vectors(ids), [shard.thumbnail(t) for t in ids])
         merged.save()
-        return {
+        summary = {
             "command": "merge",
             "index": str(merged.path),
             "shards": [str(s.path) for s in opened],
             "count": len(merged),
             "per_shard": {str(s.path): len(s) for s in opened},
         }
+        merged.close()
+        return summary
     finally:
         for shard in opened:
             shard.close()

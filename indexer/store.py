@@ -1116,6 +1116,10 @@ class GalleryIndex:
                     self._read_conn.close()
                     self._read_conn = None
             if self._conn is not None:
+                # Fold the WAL into the database file, so a reader that cannot write the folder
+                # (a server as another user, a read-only mount: opened immutable) sees every commit.
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._conn.close()
 
 
