@@ -13,7 +13,9 @@ running statistics); ``tests/model/test_inference.py`` checks that for every reg
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,7 +121,9 @@ class InferenceModel:
             _allow_recompiles(len(self.buckets))
             self._encode = torch.compile(self._forward, mode=mode, dynamic=False)
             if device.type == "cuda":
-                self._thread = ThreadPoolExecutor(1, thread_name_prefix="vvireid-inference")
+                self._thread = ThreadPoolExecutor(
+                    1, thread_name_prefix="vvireid-inference", initializer=_graph_tree_tls
+                )
 
     def _forward(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         """``ReIDModel.encode`` minus its checks and train/eval toggling (done once, outside).
@@ -217,6 +221,30 @@ class InferenceModel:
             str(self.dtype).replace("torch.", ""), ", compiled" if self.compiled else "", seconds,
         )
         return seconds
+
+
+def _graph_tree_tls() -> None:
+    """Give this thread the thread-local state CUDA graph trees keep per thread.
+
+    Some torch releases (2.11, for one) create it only in the main thread and in autograd's
+    threads, and assert when another thread records a graph; later releases create it lazily.
+    """
+    try:
+        from torch._inductor import cudagraph_trees
+    except ImportError:  # pragma: no cover - inductor absent: nothing is compiled with graphs
+        return
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers"):
+        return
+    initialize = getattr(cudagraph_trees, "_initialize_tls", None)
+    if initialize is not None:
+        initialize(local)
+        return
+    # What older releases do at import, in the importing thread only.
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def _allow_recompiles(shapes: int) -> None:
