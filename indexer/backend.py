@@ -36,6 +36,8 @@ from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
+import torch
+from vvireid.indexer.torch_search import TorchExactSearch
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,9 @@ class VectorIndex:
         self._gpu_stale = True
         self._gpu_lock = threading.Lock()
         self.use_gpu = False
+        # Exact torch search on a CUDA device when FAISS has no GPU support (flat indexes only).
+        self.torch_search: TorchExactSearch | None = None
+        self._torch_stale = True
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -236,6 +241,7 @@ class VectorIndex:
         )
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         self._gpu_stale = True
+        self._torch_stale = True
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under ``ids`` (each larger than every id already present)."""
@@ -245,12 +251,16 @@ class VectorIndex:
             self.index.add_with_ids(
                 np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
             )
+            if self.torch_search is not None and not self._torch_stale:
+                self.torch_search.add(ids, vectors)
         self._gpu_stale = True
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ``ids`` (ids not present are ignored)."""
         if self.ntotal and len(ids):
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            if self.torch_search is not None and not self._torch_stale:
+                self.torch_search.remove(np.asarray(ids, np.int64))
         self._gpu_stale = True
 
     def ids(self) -> np.ndarray:
@@ -288,11 +298,32 @@ class VectorIndex:
 
     # ---- GPU ---------------------------------------------------------------------------------
 
-    def enable_gpu(self) -> bool:
-        """Search on the GPU(s) from now on, when FAISS has GPU support and sees a GPU."""
+    def enable_gpu(self, torch_device: torch.device | None = None) -> str:
+        """Choose where searches run from now on; returns that choice, for logs and /v1/index.
+
+        ``faiss-gpu`` when FAISS has GPU support and sees a GPU; otherwise, for a flat index and
+        a CUDA ``torch_device``, ``torch-cuda`` (exact matmul + top-k, :mod:`torch_search`);
+        otherwise ``cpu`` (FAISS on the CPU, which IVF and IVF-PQ always use without FAISS-GPU).
+        """
         self.use_gpu = faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources")
         self._gpu_stale = True
-        return self.use_gpu
+        self.torch_search = None
+        if self.use_gpu:
+            return "faiss-gpu"
+        if self.index_type == "flat" and torch_device is not None:
+            self.torch_search = TorchExactSearch(torch_device)
+            self._torch_stale = True
+            return f"torch-{torch_device.type}"
+        return "cpu"
+
+    def _torch_copy(self) -> TorchExactSearch | None:
+        """The torch copy, rebuilt from the FAISS index when a retrain or reload made it stale."""
+        if self.torch_search is not None and self._torch_stale:
+            ids = self.ids()
+            vectors = self.reconstruct(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
+            self.torch_search.rebuild(ids, vectors)
+            self._torch_stale = False
+        return self.torch_search
 
     def _gpu_index(self) -> Any:
         """The GPU copy, re-cloned lazily after writes (called with ``_gpu_lock`` held)."""
@@ -338,6 +369,11 @@ class VectorIndex:
         scores, ids = None, None
         if self.use_gpu:
             scores, ids = self._search_gpu(queries, fetch, want, selection)
+        elif self.torch_search is not None:
+            with self._gpu_lock:
+                exact = self._torch_copy()
+                keep = None if selection is None else selection.contains(exact.ids_np)
+                scores, ids = exact.search(queries, fetch, keep)
         if ids is None:
             scores, ids = self._search_cpu(queries, fetch, want, selection)
         if self.keeps_exact:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from vvireid.indexer import db
 from vvireid.indexer.backend import (
     INDEX_TYPES,
@@ -434,16 +435,31 @@ class GalleryIndex:
             memory.vindex.params.nprobe = self._nprobe
 
     def _select_device(self, device: str) -> None:
+        """Where searches run: FAISS-GPU, else exact torch search on CUDA (flat), else CPU FAISS.
+
+        Never refuses a CUDA device for lack of FAISS GPU support: the encoder's device and the
+        search's are independent. The choice is logged and reported in ``stats()``.
+        """
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
         self._device = device
-        if device == "cpu":
-            return
-        on_gpu = self._mem.vindex.enable_gpu()
-        if device.startswith("cuda") and not on_gpu:
-            raise ValueError(
-                f"device {device!r} requested, but FAISS has no GPU support or sees no GPU"
+        self._torch_device: torch.device | None = None
+        if device != "cpu" and torch.cuda.is_available():
+            self._torch_device = torch.device("cuda" if device == "auto" else device)
+        self.search_device = "cpu"
+        if device != "cpu":
+            self._place(self._mem.vindex)
+        if device.startswith("cuda") and self.search_device == "cpu":
+            log.warning(
+                "%s: device %s requested, but neither FAISS nor torch can search on a GPU here "
+                "(%s index); searching on the CPU", self.path, device, self.index_type
             )
+        log.info("%s: searches run on %s", self.path, self.search_device)
+
+    def _place(self, vindex: VectorIndex) -> None:
+        """Apply the search-device choice to a (new) in-memory index."""
+        if getattr(self, "_device", "cpu") != "cpu":
+            self.search_device = vindex.enable_gpu(self._torch_device)
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -532,7 +548,8 @@ class GalleryIndex:
 
     @property
     def device(self) -> str:
-        return "cuda" if self._mem.vindex.use_gpu else "cpu"
+        """``cuda`` when searches run on a GPU (FAISS-GPU or torch), else ``cpu``."""
+        return "cpu" if self.search_device == "cpu" else "cuda"
 
     @property
     def nprobe(self) -> int:
@@ -649,6 +666,7 @@ class GalleryIndex:
             "created": self._created,
             "updated": json.loads(updated[0][0]) if updated else None,
             "device": self.device,
+            "search_device": self.search_device,
         }
 
     # ---- search --------------------------------------------------------------------------
@@ -926,8 +944,7 @@ class GalleryIndex:
     def _start_fresh(self) -> None:
         """After the first commit of a created gallery: memory restarts empty at the reset."""
         vindex = VectorIndex(self.index_type, self.dim, IndexParams(nprobe=self._nprobe))
-        if self._mem.vindex.use_gpu:
-            vindex.enable_gpu()
+        self._place(vindex)
         memory = _Memory(vindex, seq=self._reset_seq or 0)
         self._hook(memory)
         with self._lock.write():
@@ -991,8 +1008,7 @@ class GalleryIndex:
     def _reload(self) -> None:
         """Replace memory with a fresh load from the database (mutex held)."""
         memory = self._load_memory(verify=True)
-        if self._mem.vindex.use_gpu:
-            memory.vindex.enable_gpu()
+        self._place(memory.vindex)
         with self._lock.write():
             self._mem = memory
 
@@ -1012,8 +1028,7 @@ class GalleryIndex:
                 self._mem = previous
                 raise
             fresh, self._mem = self._mem, previous
-            if previous.vindex.use_gpu:
-                fresh.vindex.enable_gpu()
+            self._place(fresh.vindex)
             with self._lock.write():
                 self._mem = fresh
         self.save()

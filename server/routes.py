@@ -428,8 +428,12 @@ async def healthz() -> schemas.Health:
 )
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
-    if getattr(state, "engine", None) is not None:
-        return JSONResponse({"status": "ready", "detail": None})
+    engine = getattr(state, "engine", None)
+    if engine is not None:
+        return JSONResponse({
+            "status": "ready", "detail": None, "encode_device": str(engine.encoder.device),
+            "search_device": getattr(engine.index, "search_device", "milvus"),
+        })
     error = getattr(state, "load_error", None)
     body = {"status": "failed", "detail": str(error)} if error else {"status": "loading",
                                                                       "detail": None}

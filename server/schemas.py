@@ -125,6 +125,10 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "loading", "failed"]
     detail: str | None = None
+    encode_device: str | None = Field(None, description="where the model runs, e.g. cuda:0")
+    search_device: str | None = Field(
+        None, description="where searches run: faiss-gpu, torch-cuda, cpu or milvus"
+    )
 
 
 class ErrorDetail(BaseModel):
