@@ -130,13 +130,23 @@ class FramePreprocessor:
         self.config = config
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+        self._mean_np = self._mean.numpy()
+        self._std_np = self._std.numpy()
 
     def frame_tensor(self, image: Image.Image) -> torch.Tensor:
-        """Resize (bilinear) to (H, W), scale to [0, 1], normalise. Returns float32 [3, H, W]."""
+        """Resize (bilinear) to (H, W), scale to [0, 1], normalise. Returns float32 [3, H, W].
+
+        The arithmetic is numpy's float32 (the same correctly rounded divide and subtract as
+        torch's, so the same values): torch would hand each op to its intra-op thread pool, and
+        many decode threads doing that at once oversubscribe every core.
+        """
         height, width = self.config.image_size
         resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels.float().div_(255.0).sub_(self._mean).div_(self._std)
+        pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
+        pixels /= np.float32(255.0)
+        pixels -= self._mean_np
+        pixels /= self._std_np
+        return torch.from_numpy(pixels)
 
     def clip_indices(self, num_frames: int) -> list[list[int]]:
         """The frame indices of each test clip under this checkpoint's sampling rule."""

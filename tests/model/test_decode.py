@@ -76,3 +76,19 @@ def test_without_simplejpeg_pil_decodes(monkeypatch):
     monkeypatch.setattr(preprocess, "simplejpeg", None)
     assert decode_jpeg_rgb(data) is None
     np.testing.assert_array_equal(np.asarray(load_image(data)), _pil(data))
+
+
+def test_frame_tensor_values_equal_the_torch_formula():
+    import torch
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.preprocess import FramePreprocessor
+
+    preprocessor = FramePreprocessor(ModelConfig("vld", 5, image_size=(64, 32)).preprocess)
+    image = _photo(300, 150)
+    got = preprocessor.frame_tensor(image)
+    resized = np.asarray(image.resize((32, 64), Image.BILINEAR)).copy()
+    pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.tensor(preprocessor.config.mean).view(3, 1, 1)
+    std = torch.tensor(preprocessor.config.std).view(3, 1, 1)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert torch.equal(got, pixels.div(255.0).sub(mean).div(std))  # bit for bit
