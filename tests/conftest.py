@@ -6,7 +6,8 @@ a 4-block, 64-wide ViT at 64x32 pixels (a 4x2 patch grid) with random weights: n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +24,23 @@ register_tiny_configs()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers() -> Iterator[None]:
+    """Remove the stderr/file handlers a command's ``main()`` adds when a test calls it in-process.
+
+    A command configures logging once per process; called from a test, its handler would keep
+    pointing at that test's captured (then closed) stderr and break later tests' output checks.
+    """
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture
