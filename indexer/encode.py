@@ -203,11 +203,7 @@ class TrackletEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         counts = torch.tensor([c.shape[0] for c in clip_sets])
         owner = torch.repeat_interleave(torch.arange(len(clip_sets)), counts)
-        # On CUDA the one copy that gathers the clips writes page-locked memory, so the transfer
-        # to the GPU runs at full DMA speed instead of through a staging buffer.
-        pinned = self.device.type == "cuda"
-        clips = torch.cat(list(clip_sets), out=torch.empty(
-            (int(counts.sum()), *clip_sets[0].shape[1:]), pin_memory=pinned))
+        clips = torch.cat(list(clip_sets))
         clip_camids = [camids[i] for i in owner.tolist()]
         feats = torch.empty(len(clips), self.dim, dtype=torch.float32)
         with_cam = torch.tensor([c is not None for c in clip_camids])
