@@ -570,7 +570,7 @@ def add_to_index(
                 encoded.vectors,
                 encoded.thumbnails if thumbnails else None,
             )
-            index.save()
+            index.snapshot_if_due()  # committed already; a full snapshot only when one is due
         PartialEncodings.clear(index.path)
         summary = _summary(
             "add", index, encoded, budget.allowed(len(fresh) + len(prior_failures)), encoder, []

@@ -33,7 +33,13 @@ from vvireid.indexer.build import (
     select_shard,
     shard_of,
 )
-from vvireid.indexer.gallery import BACKENDS, BackendOptions, collection_name, open_gallery
+from vvireid.indexer.gallery import (
+    BACKENDS,
+    BackendOptions,
+    GalleryBackend,
+    collection_name,
+    open_gallery,
+)
 from vvireid.indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
 from vvireid.model.types import Modality
 
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add", help="encode new tracklets into an existing index")
     add.add_argument("index_dir", help="index folder (written by vvireid-index build)")
     _source_args(add)
+    _backend_args(add)
     add.set_defaults(func=_cmd_add)
 
     remove = sub.add_parser("remove", help="remove tracklets from an index")
@@ -372,6 +379,20 @@ def _cmd_add(args: argparse.Namespace) -> int:
     budget = FailureBudget.parse(args.max_failures)
     tracklets, failures = _load_source(args)
     encoder = _encoder(args)
+    options = _backend(args)
+    if options.backend == "milvus":
+        from vvireid.indexer.milvus import build_milvus
+
+        # The same chunked insert as a Milvus build: ids already stored are skipped, so an add is
+        # resumable too; the collection must exist and match the model.
+        with _progress(len(tracklets), not args.no_progress) as update:
+            summary = build_milvus(
+                options, collection_name(args.index_dir), encoder, tracklets, budget=budget,
+                prior_failures=failures, chunk_size=args.chunk_size,
+                thumbnails=not args.no_thumbnails, progress=update,
+            )
+        _emit({**summary, "command": "add"})
+        return 0
     with _progress(len(tracklets), not args.no_progress) as update:
         summary = add_to_index(
             args.index_dir,
@@ -406,11 +427,21 @@ def _cmd_remove(args: argparse.Namespace) -> int:
             )
         removed = index.remove([t for t in wanted if t in index])
         if removed:
-            index.save()
+            _persist(index)
         _emit(
             {"index": str(index.path), "removed": removed, "missing": missing, "count": len(index)}
         )
     return 0
+
+
+def _persist(index: GalleryBackend) -> None:
+    """After a CLI write: Milvus flushes; a FAISS gallery snapshots only when one is due (the
+    changes are committed already, and the next open replays them)."""
+    due = getattr(index, "snapshot_if_due", None)
+    if due is not None:
+        due()
+    else:
+        index.save()
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:

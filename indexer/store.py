@@ -1091,6 +1091,22 @@ class GalleryIndex:
         except (GalleryWriteError, IndexConflictError) as exc:
             log.warning("%s: could not prune the change log (%s)", self.path, exc)
 
+    def snapshot_if_due(self, every: int = 1000, fraction: float = 0.1) -> bool:
+        """Write a snapshot when the changes it would cover number at least ``every`` and
+        ``fraction`` of the gallery (see :meth:`start_background`); returns whether it did.
+
+        Short-lived writers (``vvireid-index add/remove``) call this instead of :meth:`save`, so a
+        one-tracklet change does not rewrite the whole index: the next open replays it instead.
+        """
+        if self._pending_reset or self._pending_init:
+            self.save()
+            return True
+        behind = self._mem.seq - max(self._snapshot_seq, 0)
+        if behind < max(every, fraction * len(self)):
+            return False
+        self._write_snapshot()
+        return True
+
     def start_background(
         self, *, poll_s: float = 0.5, snapshot_every: int = 1000, snapshot_fraction: float = 0.1
     ) -> None:
@@ -1109,9 +1125,7 @@ class GalleryIndex:
             while not self._stop.wait(poll_s):
                 try:
                     self.refresh()
-                    behind = self._mem.seq - max(self._snapshot_seq, 0)
-                    if behind >= max(snapshot_every, snapshot_fraction * len(self)):
-                        self._write_snapshot()
+                    self.snapshot_if_due(snapshot_every, snapshot_fraction)
                 except Exception:  # noqa: BLE001 - a background task must keep running
                     log.exception("%s: background refresh/snapshot failed", self.path)
 

@@ -211,8 +211,11 @@ def test_add_remove_and_refusals(tmp_path, capsys, make_gallery, checkpoint):
     assert code == 0 and summary["duplicates"] == ["t4", "t5"]
     assert summary["added"] == 4 and summary["count"] == 10
 
+    snapshot = (out / "snapshot.faiss").read_bytes()
     code, result, _ = run(capsys, "remove", out, "--tracklet-id", "t0", "t9")
     assert code == 0 and result["removed"] == 2 and result["count"] == 8
+    # A small CLI change is committed, not snapshotted: the next open replays it (no full rewrite).
+    assert (out / "snapshot.faiss").read_bytes() == snapshot
     query = [
         "search",
         out,

@@ -118,3 +118,17 @@ def test_milvus_shards_fill_one_collection(tmp_path, capsys, make_gallery, check
     assert code == 2 and "nope" in err
     code, result, err = run(capsys, "remove", "gallery", "--tracklet-id", "t1", *milvus)
     assert code == 0 and result["removed"] == 1 and result["count"] == N - 1
+
+
+def test_add_to_a_milvus_collection_skips_stored_ids(tmp_path, capsys, make_gallery, checkpoint):
+    manifest, ckpt = make_gallery(N), checkpoint()
+    milvus = ("--backend", "milvus", "--milvus-uri", tmp_path / "milvus.db")
+    code, first, err = build(capsys, manifest, ckpt, "gallery", "--shard", "0/2", *milvus)
+    assert code == 0 and 0 < first["count"] < N, err
+    code, added, err = run(
+        capsys, "add", "gallery", "--checkpoint", ckpt, "--gallery", manifest, "--no-progress",
+        *milvus,
+    )
+    assert code == 0, err
+    assert added["command"] == "add" and added["count"] == N
+    assert added["added"] == N - first["count"]
