@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             summary["max_abs_diff"] = parity(model, args.out)
             if dynamic_time(model) and model.seq_len > 1:
                 summary["max_abs_diff_other_t"] = parity(model, args.out, frames=model.seq_len - 1)
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"error: vvireid-export needs the export dependencies (module {exc.name} "
+                         "is missing): pip install 'vvireid[export]'\n")
+        return 2
     except (CheckpointError, RuntimeError, OSError, ImportError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
