@@ -313,6 +313,10 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> dict[str, A
         _sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    if device.type == "cuda":  # kernels only: operator rows repeat their kernels' device time
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
     total = sum(getattr(e, key) for e in events) or 1.0
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
     result["top_ops"] = [
