@@ -74,6 +74,26 @@ class IndexMismatchError(ValueError):
     """The gallery was built by another model (fingerprint or dimension differ)."""
 
 
+def check_model(
+    where: str | Path, meta: dict[str, Any], fingerprint: str | None, dim: int | None
+) -> None:
+    """Refuse a gallery built by another model (any backend): features are not comparable.
+
+    Raises:
+        IndexMismatchError: naming the gallery, both fingerprints (or dimensions) and the fix.
+    """
+    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
+        method = (meta.get("model_config") or {}).get("method", "?")
+        raise IndexMismatchError(
+            f"{where}: built with model {meta['model_fingerprint']} ({method}), but the "
+            f"checkpoint given has fingerprint {fingerprint}; features of different models are "
+            f"not comparable - rebuild the gallery with this checkpoint or use the one it was "
+            f"built with"
+        )
+    if dim is not None and int(meta["dim"]) != int(dim):
+        raise IndexMismatchError(f"{where}: holds {meta['dim']}-d vectors, the model produces {dim}-d")
+
+
 class IndexConflictError(RuntimeError):
     """A write could not be applied because of another writer; retrying may succeed."""
 

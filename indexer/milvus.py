@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from vvireid.indexer.db import check_model
 from vvireid.indexer.gallery import BackendOptions, GalleryUnavailableError
 from vvireid.indexer.store import (
     SIMILARITIES,
     GalleryItem,
     Hit,
     IndexFormatError,
-    IndexMismatchError,
 )
 from vvireid.model.types import Modality
 
@@ -270,7 +270,7 @@ class MilvusGallery:
         except Exception:
             client.close()
             raise
-        _check_model(where, meta, expected_fingerprint, expected_dim)
+        check_model(where, meta, expected_fingerprint, expected_dim)
         gallery = cls(options, collection, meta)
         gallery._client = client
         gallery._guard(lambda: client.load_collection(collection))
@@ -691,21 +691,6 @@ def _hit(rank: int, result: dict[str, Any]) -> Hit:
         None if entity.get("pid") is None else int(entity["pid"]),
         None if entity.get("timestamp") is None else float(entity["timestamp"]),
     )
-
-
-def _check_model(
-    where: str, meta: dict[str, Any], fingerprint: str | None, dim: int | None
-) -> None:
-    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
-        method = (meta.get("model_config") or {}).get("method", "?")
-        raise IndexMismatchError(
-            f"{where}: built with model {meta['model_fingerprint']} ({method}), but the "
-            f"checkpoint given has fingerprint {fingerprint}; features of different models are "
-            f"not comparable - rebuild the gallery with this checkpoint or use the one it was "
-            f"built with"
-        )
-    if dim is not None and int(meta["dim"]) != int(dim):
-        raise IndexMismatchError(f"{where}: holds {meta['dim']}-d vectors, the model produces {dim}-d")
 
 
 def build_milvus(

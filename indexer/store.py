@@ -407,7 +407,7 @@ class GalleryIndex:
         conn = db.connect(file, synchronous=synchronous)
         try:
             meta = db.read_meta(conn, file)
-            _check_model(path, meta, expected_fingerprint, expected_dim)
+            db.check_model(path, meta, expected_fingerprint, expected_dim)
             params = IndexParams(nprobe=int(nprobe or meta.get("nprobe") or 0))
             memory = _Memory(VectorIndex(str(meta["index_type"]), int(meta["dim"]), params))
             index = cls(path, meta, conn, memory, synchronous=synchronous)
@@ -1295,20 +1295,3 @@ def _has_schema(source: sqlite3.Connection | Path) -> bool:
         return True  # something is there: do not treat it as free space
     finally:
         conn.close()
-
-
-def _check_model(
-    path: Path, meta: dict[str, Any], fingerprint: str | None, dim: int | None
-) -> None:
-    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
-        method = (meta.get("model_config") or {}).get("method", "?")
-        raise IndexMismatchError(
-            f"{path}: built with model {meta['model_fingerprint']} ({method}), but the "
-            f"checkpoint given has fingerprint {fingerprint}; features of different models are "
-            f"not comparable - rebuild the index with this checkpoint or use the one it was "
-            f"built with"
-        )
-    if dim is not None and int(meta["dim"]) != int(dim):
-        raise IndexMismatchError(
-            f"{path}: holds {meta['dim']}-d vectors, the model produces {dim}-d"
-        )
