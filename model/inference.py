@@ -208,11 +208,19 @@ class InferenceModel:
         and kernel selection) is all that warming can do.
         """
         started = time.perf_counter()
-        height, width = self.model.config.image_size
-        for bucket in self.buckets if self.pad else self.buckets[:1]:
-            clips = torch.zeros(bucket, self.model.seq_len, 3, height, width)
-            camids = torch.zeros(bucket, dtype=torch.long) if with_camids else None
-            self.encode(clips, camids)
+        try:
+            self._run_buckets(with_camids)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: serve eagerly instead
+            if not self.compiled:
+                raise
+            # e.g. no C compiler for Triton in a slim image, or an op inductor cannot lower: the
+            # features are the same without compiling, only slower, so do not refuse to start.
+            log.warning(
+                "torch.compile failed while warming up (%s: %s); running the model eagerly",
+                type(exc).__name__, exc,
+            )
+            self._encode, self.compiled = self._forward, False
+            self._run_buckets(with_camids)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -221,6 +229,14 @@ class InferenceModel:
             str(self.dtype).replace("torch.", ""), ", compiled" if self.compiled else "", seconds,
         )
         return seconds
+
+
+    def _run_buckets(self, with_camids: bool) -> None:
+        height, width = self.model.config.image_size
+        for bucket in self.buckets if self.pad else self.buckets[:1]:
+            clips = torch.zeros(bucket, self.model.seq_len, 3, height, width)
+            camids = torch.zeros(bucket, dtype=torch.long) if with_camids else None
+            self.encode(clips, camids)
 
 
 def _graph_tree_tls() -> None:

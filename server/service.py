@@ -373,6 +373,7 @@ class QueryEngine:
     def close(self) -> None:
         """Stop the worker (queued requests are answered first), then release the gallery."""
         self._batcher.close()
+        self.encoder.close()
         self.index.close()
 
     def warm_up(self) -> None:

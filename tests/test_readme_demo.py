@@ -58,6 +58,11 @@ def copy_checkout(dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     (dest / ".venv").symlink_to(ROOT / ".venv")
+    # The copy shares the venv, whose editable install points at this checkout: make must not
+    # reinstall from the copy (it would whenever pyproject.toml is newer than the install stamp).
+    stamp = ROOT / ".venv" / ".installed-stamp"
+    if stamp.exists():
+        stamp.touch()
 
 
 def free_port() -> int:

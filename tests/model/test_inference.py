@@ -114,3 +114,19 @@ def test_unknown_camera_none_and_minus_one_share_one_signature(tiny_kwargs, make
     runner._encode = lambda c, k: seen.append(k) or encode(c, k)
     torch.testing.assert_close(runner.encode(clips, None), reference, atol=1e-5, rtol=1e-5)
     assert seen[0].tolist() == [-1, -1]  # None became "unknown camera", a tensor like any other
+
+
+def test_a_compiler_failure_at_warm_up_falls_back_to_eager(tiny_kwargs, make_clips, caplog):
+    model = _model("baseline", tiny_kwargs)
+    clips = make_clips(3, SEQ_LEN)
+    reference = model.encode(clips)
+    runner = InferenceModel(copy.deepcopy(model), CPU, buckets=(4,), pad=True)
+    runner.compiled = True  # stands for torch.compile, which costs minutes on this CPU
+
+    def broken(clips, camids):
+        raise RuntimeError("Failed to find C compiler")
+
+    runner._encode = broken
+    runner.warm_up(with_camids=False)
+    assert not runner.compiled and "running the model eagerly" in caplog.text
+    torch.testing.assert_close(runner.encode(clips), reference, atol=1e-5, rtol=1e-5)
