@@ -5,6 +5,7 @@ event loop. Cheap routes (health, metrics) are ``async``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -460,6 +461,70 @@ async def metrics(
                            "(the server's metrics_key)", part="Authorization",
                            headers={"WWW-Authenticate": "Bearer"})
     return PlainTextResponse(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+_EXAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_EXAMPLE_FRAME_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
+                        ".webp": "image/webp"}
+EXAMPLE_FILE = "example.json"
+
+
+def _examples_dir(request: Request) -> Path:
+    folder = request.app.state.settings.examples_dir
+    if folder is None:
+        raise ApiError(404, "not_found", "this server offers no example queries "
+                       "(examples_dir / VVIREID_EXAMPLES_DIR is not set)")
+    return Path(folder)
+
+
+def read_examples(folder: Path) -> list[dict[str, Any]]:
+    """Example query tracklets: each subfolder of ``folder`` with an ``example.json``
+    (``modality``, optional ``pid``, ``camid``, ``label``) and its frames, in name order.
+
+    Why a folder and not the index: the examples are queries, which the gallery does not hold
+    (the demo copies held-out query tracklets there). Unreadable entries are logged and skipped.
+    """
+    examples = []
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        meta_path = sub / EXAMPLE_FILE
+        if not (_EXAMPLE_NAME.fullmatch(sub.name) and meta_path.is_file()):
+            continue
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            modality = Modality.parse(meta["modality"]).label
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("example %s skipped: %s", meta_path, exc)
+            continue
+        frames = sorted(
+            (f.name for f in sub.iterdir()
+             if f.suffix.lower() in _EXAMPLE_FRAME_TYPES and _EXAMPLE_NAME.fullmatch(f.name)),
+            key=lambda name: (len(name), name),
+        )
+        if frames:
+            examples.append({
+                "name": sub.name, "modality": modality, "pid": meta.get("pid"),
+                "camid": meta.get("camid"), "label": meta.get("label", sub.name),
+                "frames": [f"v1/examples/{sub.name}/{quote(f)}" for f in frames],
+            })
+    return examples
+
+
+@router.get("/v1/examples", include_in_schema=False)
+def examples(request: Request) -> JSONResponse:
+    """The page's "try an example" list (frame URLs are relative to the page, as its own calls)."""
+    return JSONResponse({"examples": read_examples(_examples_dir(request))})
+
+
+@router.get("/v1/examples/{name}/{frame}", include_in_schema=False)
+def example_frame(request: Request, name: str, frame: str) -> FileResponse:
+    """One frame of an example; names are single path components, so nothing outside the folder
+    can be reached."""
+    path = _examples_dir(request) / name / frame
+    media_type = _EXAMPLE_FRAME_TYPES.get(Path(frame).suffix.lower())
+    valid = _EXAMPLE_NAME.fullmatch(name) and _EXAMPLE_NAME.fullmatch(frame)
+    if not (valid and media_type and path.is_file()):
+        raise ApiError(404, "not_found", f"no example frame {name}/{frame}", part="path")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "max-age=300"})
 
 
 @router.get("/docs", include_in_schema=False)

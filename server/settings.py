@@ -100,6 +100,11 @@ class ServerSettings(BaseModel):
         None, description="if set, /metrics needs 'Authorization: Bearer KEY'"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    examples_dir: Path | None = Field(
+        None,
+        description="folder of example query tracklets the page offers (a subfolder per example: "
+        "its frames and example.json); the demo sets it",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:

@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 let chosen = [];
 let maxFrames = 64;
 let ready = false;
+let examplePid = null; // pid of the example being queried: its matches are marked
 
 function isImage(file) {
   return IMAGE_TYPES.includes(file.type) || IMAGE_NAME.test(file.name);
@@ -19,7 +20,8 @@ function frameName(file) {
   return file.webkitRelativePath || file.relativePath || file.name;
 }
 
-function setFrames(files) {
+function setFrames(files, pid = null) {
+  examplePid = pid;
   const byName = (a, b) => frameName(a).localeCompare(frameName(b), undefined, { numeric: true });
   chosen = Array.from(files).filter(isImage).sort(byName);
   const skipped = files.length - chosen.length;
@@ -126,6 +128,10 @@ function matchCard(match) {
   meta.append(where);
   if (match.pid !== null && match.pid !== undefined) {
     meta.append(text("div", "", `pid ${match.pid}`));
+    if (examplePid !== null && match.pid === examplePid) {
+      card.classList.add("same");
+      meta.append(text("div", "same-person", "✓ same person as the example"));
+    }
   }
   card.append(thumb, meta);
   return card;
@@ -221,6 +227,46 @@ async function loadInfo() {
     `fingerprint ${m.fingerprint}`;
 }
 
+// The demo's example queries (GET v1/examples): one click loads the frames and searches.
+async function loadExamples() {
+  const response = await fetch("v1/examples").catch(() => null);
+  if (!response || !response.ok) return;
+  const body = await response.json();
+  const list = $("example-list");
+  list.replaceChildren();
+  for (const example of body.examples) {
+    const button = text("button", "button example", example.label);
+    button.type = "button";
+    button.dataset.example = example.name;
+    button.addEventListener("click", () => tryExample(example));
+    list.append(button);
+  }
+  $("examples").hidden = !body.examples.length;
+}
+
+async function fetchFrame(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  const blob = await response.blob();
+  return new File([blob], url.split("/").pop(), { type: blob.type });
+}
+
+async function tryExample(example) {
+  showError("");
+  let files;
+  try {
+    files = await Promise.all(example.frames.map(fetchFrame));
+  } catch (err) {
+    return showError(`cannot load the example: ${err.message}`);
+  }
+  setFrames(files, example.pid ?? null);
+  const modality = document.querySelector(`input[name=modality][value=${example.modality}]`);
+  if (modality) modality.checked = true;
+  $("cross-modal").checked = true;
+  $("camid").value = "";
+  if (ready) $("query-form").requestSubmit();
+}
+
 function init() {
   $("frames").addEventListener("change", (e) => setFrames(e.target.files));
   $("folder").addEventListener("change", (e) => setFrames(e.target.files));
@@ -230,6 +276,7 @@ function init() {
   drop.addEventListener("drop", onDrop);
   $("query-form").addEventListener("submit", search);
   pollStatus();
+  loadExamples();
 }
 
 init();
