@@ -109,7 +109,12 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path):
         first = proc.stdout.readline()  # the writer is running: kill it somewhere after this
         time.sleep(float(rng.uniform(0.0, 0.4)))
         proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate()
+        # Read through the same buffered file as readline() did: communicate() reads the raw pipe
+        # and would drop lines that readline() had already buffered (an acknowledged op lost from
+        # the log, not from the gallery).
+        out = proc.stdout.read()
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.wait()
         # A line cut by the kill (no newline yet) was never written: that op never began.
         in_flight = None
         for line in (first + out).split("\n")[:-1]:
