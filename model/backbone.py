@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,7 +138,8 @@ _OPEN_CLIP_DIR = str(Path(open_clip.__file__).resolve().parent)
 
 def _is_open_clip_factory_noise(record: logging.LogRecord) -> bool:
     """open_clip's INFO chatter and its "Model initialized randomly" warning (root logger)."""
-    if not record.pathname.startswith(_OPEN_CLIP_DIR):
+    # realpath: the interpreter may reach open_clip through a symlinked venv (a different string).
+    if not os.path.realpath(record.pathname).startswith(_OPEN_CLIP_DIR):
         return False
     return record.levelno < logging.WARNING or "initialized randomly" in record.getMessage()
 
