@@ -128,6 +128,27 @@ def _factory_string(index_type: str, params: IndexParams) -> str:
     return f"IVF{params.nlist},PQ{params.pq_m}x{PQ_NBITS}"
 
 
+def prepare_vectors(vectors: np.ndarray, dim: int, similarity: str, what: str) -> np.ndarray:
+    """Check a [N, dim] (or [dim]) batch for any gallery backend; L2-normalise it for cosine.
+
+    Raises:
+        ValueError: naming ``what`` and the wrong shape or the rows holding NaN/inf.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{what} must be [N, {dim}], got {list(vectors.shape)}")
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{what}: rows {bad[:10].tolist()} hold NaN or infinite values")
+    if similarity == "cosine":
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if not np.allclose(norms, 1.0, atol=1e-4):  # encoder output already is: skip the copy
+            vectors = vectors / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
 class Selection:
     """The gallery items a search may return: a bitmap over internal ids and a FAISS selector."""
 

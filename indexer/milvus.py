@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from vvireid.indexer.backend import prepare_vectors
 from vvireid.indexer.db import check_model
 from vvireid.indexer.gallery import BackendOptions, GalleryUnavailableError
 from vvireid.indexer.store import (
@@ -550,18 +551,7 @@ class MilvusGallery:
         return [[_hit(rank, r) for rank, r in enumerate(row, start=1)] for row in found]
 
     def _prepare(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        """Check shape and finiteness; L2-normalise for cosine (as the FAISS gallery does)."""
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"{what} must be [N, {self.dim}], got {list(vectors.shape)}")
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-        if len(bad):
-            raise ValueError(f"{what}: rows {bad[:10].tolist()} hold NaN or infinite values")
-        if self.similarity == "cosine":
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return prepare_vectors(vectors, self.dim, self.similarity, what)
 
     # ---- writing --------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from vvireid.indexer.backend import (
     VectorIndex,
     configure_faiss,
     min_train_size,
+    prepare_vectors,
 )
 from vvireid.indexer.db import (
     DB_NAME,
@@ -736,19 +737,7 @@ class GalleryIndex:
         return selection
 
     def _prepare_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        """Check shape and finiteness; L2-normalise for cosine. Returns float32 [N, D]."""
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"{what} must be [N, {self.dim}], got {list(vectors.shape)}")
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-        if len(bad):
-            raise ValueError(f"{what}: rows {bad[:10].tolist()} hold NaN or infinite values")
-        if self.similarity == "cosine":
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            if not np.allclose(norms, 1.0, atol=1e-4):  # encoder output already is: skip the copy
-                vectors = vectors / np.maximum(norms, 1e-12)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return prepare_vectors(vectors, self.dim, self.similarity, what)
 
     # ---- writing -------------------------------------------------------------------------
 
