@@ -41,7 +41,7 @@ from vvireid.indexer.gallery import (
     open_gallery,
 )
 from vvireid.indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
-from vvireid.model.types import Modality
+from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
 
@@ -332,17 +332,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.shard and not args.overwrite and _holds_index(args.out):
         # A rerun of a shard whose gallery was saved: add what is missing (nothing if complete).
         log.info("%s exists: resuming shard %s by adding what it lacks", args.out, args.shard)
-        with _progress(len(tracklets), not args.no_progress) as update:
-            summary = add_to_index(
-                args.out,
-                encoder,
-                tracklets,
-                budget=budget,
-                prior_failures=failures,
-                chunk_size=args.chunk_size,
-                thumbnails=not args.no_thumbnails,
-                progress=update,
-            )
+        summary = _add_encoded(args, args.out, encoder, tracklets, failures, budget)
         _emit({**summary, "shard": args.shard})
         return 0
     with _progress(len(tracklets), not args.no_progress) as update:
@@ -393,9 +383,18 @@ def _cmd_add(args: argparse.Namespace) -> int:
             )
         _emit({**summary, "command": "add"})
         return 0
+    _emit(_add_encoded(args, args.index_dir, encoder, tracklets, failures, budget))
+    return 0
+
+
+def _add_encoded(
+    args: argparse.Namespace, index_dir: str, encoder: Any, tracklets: list[Tracklet],
+    failures: list[Any], budget: FailureBudget,
+) -> dict[str, Any]:
+    """``add_to_index`` with the command line's chunking, thumbnail and progress options."""
     with _progress(len(tracklets), not args.no_progress) as update:
-        summary = add_to_index(
-            args.index_dir,
+        return add_to_index(
+            index_dir,
             encoder,
             tracklets,
             budget=budget,
@@ -404,8 +403,6 @@ def _cmd_add(args: argparse.Namespace) -> int:
             thumbnails=not args.no_thumbnails,
             progress=update,
         )
-    _emit(summary)
-    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
