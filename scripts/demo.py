@@ -1,14 +1,23 @@
-"""The embedded demo: synthetic VVI data -> train -> evaluate -> index -> serve, on CPU.
+"""The embedded demo: synthetic VVI data -> model -> evaluate -> index -> serve, on CPU.
 
 Run with ``make demo`` (or ``.venv/bin/python -m scripts.demo``). Every step writes under
 ``.demo/`` (``VVIREID_DEMO_DIR``) and is skipped when its output already exists, so a re-run
-reuses the dataset, the model and the index and goes straight to serving. An interrupted training
-run resumes from its last epoch.
+reuses the dataset, the model and the index and goes straight to serving.
 
-The screen shows one line per step and the training progress, then one box once the server
+The model is the one shipped in ``scripts/demo_model/``: the ``demo`` recipe trained once by the
+project's own trainer on 1,000 *other* synthetic identities (seed 1; the command is in
+``scripts/demo_model/recorded.json`` and docs/benchmarks.md). Why not train in front of the user:
+a cross-modal feature that transfers needs many identities, and generating and learning them takes
+about 20 minutes on one core, far beyond the demo's few minutes; 100 identities in 70 s gave
+R1 ~8%. The demo's own 100 test identities (seed 0) were never seen by it. The summary shows the
+shipped model next to the same network untrained (random init) and to chance.
+
+The screen shows one line per step (and the indexing progress), then one box once the server
 answers: the page URL (the real port), a ``curl`` query that works as pasted, and the held-out
-metrics next to chance. Everything else (every log record with timestamps, the JSON the commands
-print) goes to ``.demo/demo.log`` and ``.demo/logs/``.
+metrics next to the untrained network and chance. The page offers example queries (held-out
+query clips copied to ``.demo/examples``, served through ``examples_dir``). Everything else
+(every log record with timestamps, the JSON the commands print) goes to ``.demo/demo.log`` and
+``.demo/logs/``.
 
 Environment: ``VVIREID_DEMO_DIR`` (default ``.demo``), ``VVIREID_HOST`` (127.0.0.1),
 ``VVIREID_PORT`` (8000; ``0`` picks a free port), ``VVIREID_DEMO_SERVE`` (``0`` stops after
@@ -40,11 +49,15 @@ DATASET_FORMAT = "hitsz-vcm"
 DEMO_IDS = 200
 DEMO_CAMERAS = 4
 RECIPE = "demo"
+SHIPPED_DIR = Path(__file__).resolve().parent / "demo_model"
+SHIPPED_MODEL = SHIPPED_DIR / "model.safetensors"
+UNTRAINED_SEED = 0
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 EXIT_PORT_TAKEN = 2
 EXIT_INTERRUPTED = 130
 QUERY_FRAMES = 6
+EXAMPLES_PER_DIRECTION = 3
 RULE = "=" * 78
 
 
@@ -116,48 +129,77 @@ def make_dataset(data: Path) -> None:
     partial.rename(data)
 
 
-def train(data: Path, run: Path, logs: Path) -> Path:
-    """Train the demo recipe (a tiny CLIP ViT) unless its checkpoint exists; resumes if killed."""
+def install_model(run: Path, shipped: Path = SHIPPED_MODEL) -> Path:
+    """Put the shipped demo model (see the module docstring) in the run folder, once."""
+    import shutil
+
+    from vvireid.model.checkpoint import read_checkpoint_metadata
     from vvireid.model.fileio import write_text_atomic
-    from vvireid.training.cli import main as train_main
 
     checkpoint = run / "model.safetensors"
     if checkpoint.is_file() and (run / "DONE").is_file():
         log.info("model exists: %s", checkpoint)
         return checkpoint
-    _step(f"training the '{RECIPE}' recipe on CPU into {run}")
-    argv = ["fit", "--config", RECIPE, "--data-root", str(data), "--out", str(run)]
-    if (run / "checkpoints" / "last.pt").is_file():
-        argv.append("--resume")
-    _run_command("fit", train_main, argv, logs)
+    if not shipped.is_file():
+        raise DemoError(f"the shipped demo model {shipped} is missing; restore it with "
+                        f"`git checkout -- {shipped.name}` in {shipped.parent}")
+    meta = read_checkpoint_metadata(shipped)
+    _step(f"using the '{RECIPE}' model trained offline on {meta['config'].get('num_classes', '?')} "
+          f"other synthetic identities ({_shown_path(shipped)})")
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped, checkpoint)
     write_text_atomic(run / "DONE", "ok\n")
     return checkpoint
 
 
-def evaluate(checkpoint: Path, data: Path, out: Path, logs: Path) -> dict[str, Any]:
+def untrained_model(checkpoint: Path, out: Path) -> Path:
+    """The same network with random weights (seeded): the baseline the summary compares against."""
+    import torch
+    from vvireid.model.checkpoint import read_checkpoint_metadata, save_checkpoint
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.factory import build_model
+
+    path = out / "model.safetensors"
+    if path.is_file():
+        return path
+    config = ModelConfig.from_dict(read_checkpoint_metadata(checkpoint)["config"])
+    torch.manual_seed(UNTRAINED_SEED)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, build_model(config).eval(), {"untrained": True})
+    return path
+
+
+def evaluate(checkpoint: Path, data: Path, out: Path, logs: Path,
+             what: str = "the model") -> dict[str, Any]:
     """Cross-modal evaluation on the held-out identities, both directions."""
     from vvireid.training.cli import main as train_main
 
     report_path = out / "report.json"
     if not report_path.is_file():
-        _step("evaluating on the held-out identities (ir_to_vis and vis_to_ir)")
+        _step(f"evaluating {what} on the held-out identities (ir_to_vis and vis_to_ir)")
         argv = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(data),
                 "--dataset", DATASET_FORMAT, "--out", str(out)]
-        _run_command("eval", train_main, argv, logs)
+        _run_command(out.name, train_main, argv, logs)
     return json.loads(report_path.read_text())
 
 
 def build_index(checkpoint: Path, data: Path, index: Path, logs: Path) -> None:
     """Encode every test tracklet (both modalities) into a FAISS gallery index."""
-    from vvireid.indexer.cli import main as index_main
+    import shutil
 
-    if (index / "manifest.json").is_file():
+    from vvireid.indexer.cli import main as index_main
+    from vvireid.model.fileio import write_text_atomic
+
+    built = index.with_name(index.name + ".built")  # beside it: the index folder is the store's
+    if built.is_file() and index.is_dir():
         log.info("index exists: %s", index)
         return
+    shutil.rmtree(index, ignore_errors=True)  # an interrupted build: start it again
     _step(f"indexing the test tracklets into {index}")
     argv = ["build", "--checkpoint", str(checkpoint), "--gallery", str(data),
             "--format", DATASET_FORMAT, "--split", "test", "--out", str(index)]
     _run_command("index", index_main, argv, logs)
+    write_text_atomic(built, "ok\n")
 
 
 def load_splits(data: Path) -> DatasetSplits:
@@ -173,6 +215,41 @@ def example_query(splits: DatasetSplits) -> tuple[list[Path], int]:
     return [Path(f) for f in query.frames[:QUERY_FRAMES]], int(query.pid)
 
 
+def write_examples(splits: DatasetSplits, folder: Path) -> Path:
+    """Copy the first query tracklets of each direction (distinct people) for the page's
+    "try an example" buttons; the server lists them from ``examples_dir``. Not chosen by result:
+    the first ones the dataset lists, so the page shows hits and misses as the metrics say.
+    """
+    import shutil
+
+    from vvireid.model.fileio import write_text_atomic
+
+    if (folder / "DONE").is_file():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for direction, queries in splits.query.items():
+        seen: set[int] = set()
+        for query in queries:
+            if len(seen) == EXAMPLES_PER_DIRECTION:
+                break
+            if query.pid in seen:
+                continue
+            seen.add(int(query.pid))
+            label = f"{query.modality.label} clip of person {query.pid}"
+            target = partial / f"{direction}-{int(query.pid):04d}"
+            target.mkdir(parents=True)
+            for i, frame in enumerate(query.frames[:QUERY_FRAMES]):
+                shutil.copyfile(frame, target / f"{i:02d}{Path(frame).suffix}")
+            meta = {"modality": query.modality.label, "pid": int(query.pid),
+                    "camid": int(query.camid), "label": label}
+            write_text_atomic(target / "example.json", json.dumps(meta) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    write_text_atomic(folder / "DONE", "ok\n")
+    return folder
+
+
 def chance_r1(splits: DatasetSplits) -> dict[str, float]:
     """Expected R1 of a random ranking per direction: mean share of positives in the gallery."""
     chance = {}
@@ -186,13 +263,19 @@ def chance_r1(splits: DatasetSplits) -> dict[str, float]:
     return chance
 
 
-def metric_lines(report: dict[str, Any], chance: dict[str, float]) -> list[str]:
-    """One line per direction: R1 and mAP (percent) next to what chance would give."""
-    return [
-        f"{direction:<10} R1 {metrics['R1']:5.1f}%  mAP {metrics['mAP']:5.1f}%   "
-        f"(chance R1 about {chance.get(direction, 0.0):.1f}%)"
-        for direction, metrics in report["directions"].items()
-    ]
+def metric_lines(
+    report: dict[str, Any], chance: dict[str, float], untrained: dict[str, Any] | None = None
+) -> list[str]:
+    """One line per direction: R1 and mAP (percent) next to the untrained network and chance."""
+    lines = []
+    for direction, metrics in report["directions"].items():
+        base = (untrained or {}).get("directions", {}).get(direction)
+        versus = f"untrained R1 {base['R1']:.1f}%, " if base else ""
+        lines.append(
+            f"{direction:<10} R1 {metrics['R1']:5.1f}%  mAP {metrics['mAP']:5.1f}%   "
+            f"({versus}chance R1 about {chance.get(direction, 0.0):.1f}%)"
+        )
+    return lines
 
 
 def _shown_path(path: Path) -> str:
@@ -273,14 +356,16 @@ def _announce_when_ready(app: Any, server: Any, box: str) -> None:
         time.sleep(0.1)
 
 
-def serve(checkpoint: Path, index: Path, sock: socket.socket, box: Callable[[str], str]) -> int:
+def serve(checkpoint: Path, index: Path, sock: socket.socket, box: Callable[[str], str],
+          examples: Path | None = None) -> int:
     """Serve on the reserved socket until Ctrl-C; the box is printed when the server is ready."""
     import uvicorn
     from vvireid.server.app import create_app
     from vvireid.server.settings import ServerSettings
 
     host, port = sock.getsockname()[:2]
-    settings = ServerSettings.from_env(checkpoint=checkpoint, index=index, host=host, port=port)
+    settings = ServerSettings.from_env(checkpoint=checkpoint, index=index, host=host, port=port,
+                                       examples_dir=examples)
     app = create_app(settings)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
@@ -300,17 +385,22 @@ def run(root: Path) -> int:
     sock = reserve_port(*_listen_settings()) if serving else None
     try:
         make_dataset(data)
-        checkpoint = train(data, run_dir, logs)
+        checkpoint = install_model(run_dir)
         splits = load_splits(data)
-        metrics = metric_lines(evaluate(checkpoint, data, root / "eval", logs), chance_r1(splits))
+        report = evaluate(checkpoint, data, root / "eval", logs)
+        untrained = evaluate(untrained_model(checkpoint, root / "untrained"), data,
+                             root / "eval-untrained", logs, "the untrained network")
+        metrics = metric_lines(report, chance_r1(splits), untrained)
         build_index(checkpoint, data, index, logs)
         if sock is None:
             for line in metrics:
                 log.info("%s", line)
             return 0
         frames, pid = example_query(splits)
+        examples = write_examples(splits, root / "examples")
         try:
-            return serve(checkpoint, index, sock, lambda url: final_box(url, frames, pid, metrics))
+            return serve(checkpoint, index, sock, lambda url: final_box(url, frames, pid, metrics),
+                         examples)
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
             sys.stderr.write("\nserver stopped (`make demo` serves again without redoing the work)\n")
             return 0

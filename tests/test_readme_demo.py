@@ -29,6 +29,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 1200
 RULE = "=" * 78
+# Held-out cross-modal R1 (%) the demo must show in both directions. The shipped model measures
+# R1 60.1% (ir_to_vis) and 58.8% (vis_to_ir), untrained 1.1% / 0.5%; the margin absorbs another
+# CPU's rounding, not a broken model.
+MIN_R1 = 45.0
 # Messages the demo must not show: open_clip's random-init warning (weights are loaded right
 # after), faiss's loader probing, tracebacks, and the JSON reports the commands print.
 NOISE = ("initialized randomly", "swigfaiss", "Traceback", "CancelledError", '"directions"')
@@ -179,11 +183,17 @@ def test_readme_demo_serves_cross_modal_matches_and_reuses_its_work(tmp_path: Pa
         thumb = httpx.get(f"http://127.0.0.1:{port}{body['matches'][0]['thumbnail_url']}")
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         for direction in ("ir_to_vis", "vis_to_ir"):
-            found = re.search(rf"{direction}\s+R1\s+([\d.]+)%.*chance R1 about ([\d.]+)%", log_text)
-            assert found, f"the demo printed no {direction} evaluation"
-            r1, chance = float(found.group(1)), float(found.group(2))
-            # Measured: R1 7.7% / 7.3% against a chance of 0.8% (seed 0, 100 held-out identities).
-            assert r1 >= 4 * chance, f"{direction}: R1 {r1}% is not clearly above chance {chance}%"
+            found = re.search(rf"{direction}\s+R1\s+([\d.]+)%.*untrained R1 ([\d.]+)%.*"
+                              r"chance R1 about ([\d.]+)%", log_text)
+            assert found, f"the demo printed no {direction} evaluation next to the untrained model"
+            r1, untrained, chance = (float(v) for v in found.groups())
+            # Measured: R1 60.1% / 58.8%, untrained 1.1% / 0.5%, chance 0.8% (seed 0).
+            assert r1 >= MIN_R1, f"{direction}: R1 {r1}% < {MIN_R1}%: the demo model got worse"
+            assert r1 >= untrained + 30 and r1 >= 20 * chance, (direction, r1, untrained, chance)
+        examples = httpx.get(f"http://127.0.0.1:{port}/v1/examples").json()["examples"]
+        assert {e["modality"] for e in examples} == {"infrared", "visible"}, examples
+        frame = httpx.get(f"http://127.0.0.1:{port}/{examples[0]['frames'][0]}")
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
     finally:
         stop(process)
 
