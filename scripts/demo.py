@@ -152,6 +152,24 @@ def install_model(run: Path, shipped: Path = SHIPPED_MODEL) -> Path:
     return checkpoint
 
 
+def drop_stale_outputs(root: Path, shipped: Path = SHIPPED_MODEL) -> None:
+    """A ``.demo`` made by an older version holds another model (before issue 17 the demo trained
+    its own): remove it and what was computed from it, so the demo never shows stale figures."""
+    import shutil
+
+    from vvireid.model.fileio import sha256_file
+
+    current = root / "run" / "model.safetensors"
+    if not current.is_file() or not shipped.is_file():
+        return
+    if sha256_file(current) == sha256_file(shipped):
+        return
+    log.info("replacing the model of an older demo in %s (and its evaluation and index)", root)
+    for name in ("run", "eval", "index"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    (root / "index.built").unlink(missing_ok=True)
+
+
 def untrained_model(checkpoint: Path, out: Path) -> Path:
     """The same network with random weights (seeded): the baseline the summary compares against."""
     import torch
@@ -385,6 +403,7 @@ def run(root: Path) -> int:
     sock = reserve_port(*_listen_settings()) if serving else None
     try:
         make_dataset(data)
+        drop_stale_outputs(root)
         checkpoint = install_model(run_dir)
         splits = load_splits(data)
         report = evaluate(checkpoint, data, root / "eval", logs)
