@@ -22,8 +22,9 @@ from vvireid.training.report import evaluate_model, flat_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "scripts" / "demo_model" / "model.safetensors"
 RECORD = json.loads((ROOT / "scripts" / "demo_model" / "recorded.json").read_text())
-# Identical on one machine; other CPUs (BLAS kernels, JPEG decoders) may move a tie or two.
-TOLERANCE = 1.0
+# Identical on one machine; other CPUs (BLAS kernels, JPEG decoders) may flip a near-tie or two:
+# one query is ~1.1 points of R1 on the 20-identity subset (~90 queries per direction).
+TOLERANCE = 2.5
 
 
 def held_out_metrics(data: Path, checkpoint: Path = SHIPPED) -> dict[str, float]:
