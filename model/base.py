@@ -10,6 +10,29 @@ from vvireid.model.backbone import ClipBackbone
 from vvireid.model.config import ModelConfig
 from vvireid.model.preprocess import PreprocessConfig
 
+# The camid of a camera the model was not trained on (or of an unknown one).
+UNKNOWN_CAMERA = -1
+
+
+def check_camids(camids: torch.Tensor, num_cameras: int) -> None:
+    """camids must be training camera indices in [0, num_cameras) or -1 (unknown).
+
+    On the CPU a bad value is a ValueError naming the range. On a GPU the check is an asynchronous
+    device assert: reading the values back would drain the GPU on every call and break a compiled
+    graph. Callers with host camids (the encoder, the server) check them on the CPU first, so the
+    device assert is only a backstop.
+    """
+    bad = (camids >= num_cameras) | (camids < UNKNOWN_CAMERA)
+    if camids.device.type == "cuda":
+        torch._assert_async(~bad.any(), "camids outside the training cameras")
+        return
+    if bool(bad.any()):
+        raise ValueError(
+            f"camids must be training camera indices in [0, {num_cameras}) or -1 (unknown), "
+            f"got min {int(camids.min())}, max {int(camids.max())}; pass camids=None when the "
+            "cameras are not the training ones"
+        )
+
 
 class ReIDModel(nn.Module):
     """Base class of the methods: a CLIP backbone plus a method head.

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from vvireid.model.base import ReIDModel
+from vvireid.model.base import UNKNOWN_CAMERA, ReIDModel, check_camids
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,12 @@ class InferenceModel:
         if int(self.model.config.num_cameras) == 0:
             return None
         if camids is None:
-            return torch.full((size,), -1, dtype=torch.long)
-        return torch.as_tensor(camids, dtype=torch.long)
+            return torch.full((size,), UNKNOWN_CAMERA, dtype=torch.long)
+        camids = torch.as_tensor(camids, dtype=torch.long)
+        if camids.device.type == "cpu" and camids.numel():
+            # Checked here, on the host: on a GPU the model can only assert, which is fatal.
+            check_camids(camids, int(self.model.config.num_cameras))
+        return camids
 
     @torch.no_grad()
     def _encode_chunks(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:

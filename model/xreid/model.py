@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from vvireid.model.base import ReIDModel
+from vvireid.model.base import UNKNOWN_CAMERA, ReIDModel, check_camids
 from vvireid.model.config import ModelConfig
 from vvireid.model.heads import BNClassifier
 from vvireid.model.xreid.interaction import (
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 CPC_POOLS = ("both", "other")
 CII_GUARDS = ("stopgrad", "supervise", "none")
-UNKNOWN_CAMERA = -1
 
 
 @dataclass(frozen=True)
@@ -214,14 +213,8 @@ class XReID(ReIDModel):
             raise ValueError(
                 f"camids must be [{batch}] integers, got {camids.dtype} {tuple(camids.shape)}"
             )
-        if camids.numel() and (
-            int(camids.max()) >= num_cameras or int(camids.min()) < UNKNOWN_CAMERA
-        ):
-            raise ValueError(
-                f"camids must be training camera indices in [0, {num_cameras}) or -1 (unknown), "
-                f"got min {int(camids.min())}, max {int(camids.max())}; pass camids=None when the "
-                "cameras are not the training ones"
-            )
+        if camids.numel():
+            check_camids(camids, num_cameras)
         known = (camids >= 0).unsqueeze(1)
         embedding = torch.where(
             known, self.cv_embed[camids.clamp(min=0)], self.cv_embed.mean(dim=0, keepdim=True)
