@@ -14,7 +14,7 @@ import importlib.metadata
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from vvireid.indexer.gallery import (
     open_gallery,
 )
 from vvireid.indexer.manifest import IMAGE_SUFFIXES, ManifestError, natural_key
-from vvireid.model.types import Modality, Tracklet
+from vvireid.model.types import Modality
 
 log = logging.getLogger(__name__)
 
@@ -313,41 +313,27 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if options.backend == "milvus":
         from vvireid.indexer.milvus import build_milvus
 
-        with _progress(len(tracklets), not args.no_progress) as update:
-            summary = build_milvus(
-                options,
-                collection_name(args.out),
-                encoder,
-                tracklets,
-                index_type=args.index_type,
-                overwrite=args.overwrite,
-                budget=budget,
-                prior_failures=failures,
-                chunk_size=args.chunk_size,
-                thumbnails=not args.no_thumbnails,
-                progress=update,
-            )
+        summary = _run_encoding(
+            args, len(tracklets), build_milvus, options, collection_name(args.out), encoder,
+            tracklets, index_type=args.index_type, overwrite=args.overwrite, budget=budget,
+            prior_failures=failures,
+        )
         _emit({**summary, "shard": args.shard})
         return 0
     if args.shard and not args.overwrite and _holds_index(args.out):
         # A rerun of a shard whose gallery was saved: add what is missing (nothing if complete).
         log.info("%s exists: resuming shard %s by adding what it lacks", args.out, args.shard)
-        summary = _add_encoded(args, args.out, encoder, tracklets, failures, budget)
+        summary = _run_encoding(
+            args, len(tracklets), add_to_index, args.out, encoder, tracklets,
+            budget=budget, prior_failures=failures,
+        )
         _emit({**summary, "shard": args.shard})
         return 0
-    with _progress(len(tracklets), not args.no_progress) as update:
-        summary = build_index(
-            args.out,
-            encoder,
-            tracklets,
-            index_type=args.index_type,
-            overwrite=args.overwrite,
-            budget=budget,
-            prior_failures=failures,
-            chunk_size=args.chunk_size,
-            thumbnails=not args.no_thumbnails,
-            progress=update,
-        )
+    summary = _run_encoding(
+        args, len(tracklets), build_index, args.out, encoder, tracklets,
+        index_type=args.index_type, overwrite=args.overwrite, budget=budget,
+        prior_failures=failures,
+    )
     _emit({**summary, "shard": args.shard} if args.shard else summary)
     return 0
 
@@ -373,35 +359,36 @@ def _cmd_add(args: argparse.Namespace) -> int:
     if options.backend == "milvus":
         from vvireid.indexer.milvus import build_milvus
 
-        # The same chunked insert as a Milvus build: ids already stored are skipped, so an add is
-        # resumable too; the collection must exist and match the model.
-        with _progress(len(tracklets), not args.no_progress) as update:
-            summary = build_milvus(
-                options, collection_name(args.index_dir), encoder, tracklets, budget=budget,
-                prior_failures=failures, chunk_size=args.chunk_size,
-                thumbnails=not args.no_thumbnails, progress=update,
-            )
+        # The same chunked insert as a Milvus build: ids already stored are skipped (an add is
+        # resumable too), and a collection built by another model is refused.
+        summary = _run_encoding(
+            args, len(tracklets), build_milvus, options, collection_name(args.index_dir),
+            encoder, tracklets, budget=budget, prior_failures=failures,
+        )
         _emit({**summary, "command": "add"})
         return 0
-    _emit(_add_encoded(args, args.index_dir, encoder, tracklets, failures, budget))
+    _emit(
+        _run_encoding(
+            args, len(tracklets), add_to_index, args.index_dir, encoder, tracklets,
+            budget=budget, prior_failures=failures,
+        )
+    )
     return 0
 
 
-def _add_encoded(
-    args: argparse.Namespace, index_dir: str, encoder: Any, tracklets: list[Tracklet],
-    failures: list[Any], budget: FailureBudget,
+def _run_encoding(
+    args: argparse.Namespace, count: int, run: Callable[..., dict[str, Any]], *positional: Any,
+    **options: Any,
 ) -> dict[str, Any]:
-    """``add_to_index`` with the command line's chunking, thumbnail and progress options."""
-    with _progress(len(tracklets), not args.no_progress) as update:
-        return add_to_index(
-            index_dir,
-            encoder,
-            tracklets,
-            budget=budget,
-            prior_failures=failures,
+    """Call a build/add function over ``count`` tracklets with the command line's chunking,
+    thumbnail and progress-bar options (one place for what build, add and shards share)."""
+    with _progress(count, not args.no_progress) as update:
+        return run(
+            *positional,
             chunk_size=args.chunk_size,
             thumbnails=not args.no_thumbnails,
             progress=update,
+            **options,
         )
 
 
