@@ -259,7 +259,7 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> dict[str, A
     from vvireid.training.optim import create_optimizer, create_scheduler, is_fused
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from train_step import RECIPES, synthetic_batch
+    from train_step import RECIPES, make_train_step, synthetic_batch
 
     register_tiny_configs()
     config = load_config(RECIPES["vld"], ["model.pretrained=null"])
@@ -276,16 +276,8 @@ def bench_profile(args: argparse.Namespace, device: torch.device) -> dict[str, A
     batch = synthetic_batch(data.ids_per_batch, data.tracklets_per_id, m.seq_len, size, classes,
                             6, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> None:
-        with amp:
-            out = model(batch.clips, batch.camids)
-            terms = objective(out, batch)
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        objective.after_backward(out, batch)
-        optimizer.step()
+    step = make_train_step(model, objective, optimizer, batch, device,
+                           torch.bfloat16 if device.type == "cuda" else None)
 
     def prompts(full: bool) -> None:
         text, cut = model.backbone.text, model.prompts

@@ -27,6 +27,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,26 @@ def synthetic_batch(ids: int, per_id: int, seq_len: int, size: tuple[int, int],
     return TrainBatch(clips, torch.cat([pids, pids]), camids, modalities).to(device)
 
 
+def make_train_step(model, objective, optimizer, batch: TrainBatch, device: torch.device,
+                    dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    """One optimiser step of the recipe (forward, loss, backward, objective hook, update) as the
+    trainer runs it; autocast to ``dtype`` unless None. Returns the loss without reading it back
+    (a host sync per step would be timed too)."""
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(batch.clips, batch.camids)
+            terms = objective(out, batch)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        objective.after_backward(out, batch)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,16 +108,7 @@ def bench_compute(method: str, args: argparse.Namespace, device: torch.device) -
     if args.precision == "auto":
         dtype = autocast_dtype("auto", device)
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(batch.clips, batch.camids)
-            terms = objective(out, batch)
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        objective.after_backward(out, batch)
-        optimizer.step()
-        return loss.detach()  # no float(): a host sync per step would be timed too
+    step = make_train_step(model, objective, optimizer, batch, device, dtype)
 
     model.train()
     for _ in range(args.warmup):

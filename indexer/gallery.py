@@ -269,7 +269,8 @@ def create_gallery(
     overwrite: bool = False,
     device: str = "auto",
 ) -> GalleryBackend:
-    """A new, empty gallery (FAISS: written on ``save``; Milvus: the collection is created).
+    """A new, empty gallery (FAISS: the folder is written by the first add or ``save``; Milvus:
+    the collection is created at once).
 
     Raises:
         FileExistsError: the gallery exists and ``overwrite`` is False.
