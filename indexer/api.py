@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -42,21 +42,13 @@ TrackletInput = Union[str, Path, Sequence[FrameSource], np.ndarray, torch.Tensor
 
 
 @dataclass(frozen=True)
-class Match:
-    """One search result: the gallery item, its similarity and, when calibrated, P(same person)."""
+class Match(Hit):
+    """A :class:`Hit` plus, when the checkpoint is calibrated, P(same person)."""
 
-    rank: int
-    tracklet_id: str
-    score: float
-    probability: float | None
-    modality: Modality
-    camid: int
-    camera: str | None
-    pid: int | None
-    timestamp: float | None
+    probability: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "modality": self.modality.label}
+        return {**super().to_dict(), "probability": self.probability}
 
 
 @dataclass(frozen=True)
@@ -101,8 +93,8 @@ def refine_hits(
         if options.min_probability is None or p >= options.min_probability
     ][: options.top_k]
     return [
-        Match(rank, hit.tracklet_id, float(hit.score), p, hit.modality, hit.camid, hit.camera,
-              hit.pid, hit.timestamp)
+        Match(rank, hit.tracklet_id, float(hit.score), hit.modality, hit.camid, hit.camera,
+              hit.pid, hit.timestamp, probability=p)
         for rank, (hit, p) in enumerate(kept, start=1)
     ]
 
