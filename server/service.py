@@ -46,7 +46,7 @@ from vvireid.indexer.store import (
 )
 from vvireid.model.base import ReIDModel
 from vvireid.model.checkpoint import load_checkpoint
-from vvireid.model.preprocess import FrameError
+from vvireid.model.preprocess import FrameError, decode_jpeg_rgb
 from vvireid.model.types import Modality
 from vvireid.server.batcher import BatcherClosedError, MicroBatcher, QueueFullError
 from vvireid.server.memory import release_memory
@@ -227,9 +227,17 @@ def probe_frame(data: bytes, part: str, label: str, max_pixels: int) -> Image.Im
 
 
 def decode_frame(
-    image: Image.Image, part: str, label: str, needed: tuple[int, int] | None = None
+    image: Image.Image,
+    part: str,
+    label: str,
+    needed: tuple[int, int] | None = None,
+    data: bytes | None = None,
 ) -> Image.Image:
     """Decode a probed frame to RGB, at reduced size when it is far larger than ``needed``.
+
+    ``data`` (the frame's bytes) lets a JPEG of ordinary size go through libjpeg-turbo directly
+    (:func:`~vvireid.model.preprocess.decode_jpeg_rgb`: PIL's pixels at about half the cost);
+    anything it declines, truncated files included, is decoded by PIL, which names the problem.
 
     ``needed`` is the smallest (width, height) the caller uses. A frame at least ``REDUCE_FROM``
     times larger per side is decoded at no less than twice that size: JPEG scales in the decoder
@@ -241,11 +249,14 @@ def decode_frame(
         InvalidFrameError: truncated or corrupt image data.
     """
     source = image
+    reduce = needed is not None and _reduce_factor(image.size, needed) > 1
+    if data is not None and image.format == "JPEG" and not reduce:
+        fast = decode_jpeg_rgb(data)
+        if fast is not None:
+            source.close()
+            return fast
     try:
-        if (
-            needed is not None and image.format == "JPEG"
-            and _reduce_factor(image.size, needed) > 1
-        ):
+        if needed is not None and reduce and image.format == "JPEG":
             image.draft("RGB", (2 * needed[0], 2 * needed[1]))
         image.load()
         if needed is not None:
@@ -272,7 +283,7 @@ def open_frame(
     data: bytes, part: str, label: str, max_pixels: int, needed: tuple[int, int] | None = None
 ) -> Image.Image:
     """Probe and decode one uploaded frame (see :func:`probe_frame` and :func:`decode_frame`)."""
-    return decode_frame(probe_frame(data, part, label, max_pixels), part, label, needed)
+    return decode_frame(probe_frame(data, part, label, max_pixels), part, label, needed, data)
 
 
 class QueryEngine:
@@ -465,7 +476,7 @@ class QueryEngine:
         sources: list[Any] = []
         thumb_source: Image.Image | None = None
         for i, frame in enumerate(frames):
-            image = decode_frame(probed[i], parts[i], labels[i], self._needed)
+            image = decode_frame(probed[i], parts[i], labels[i], self._needed, frame.data)
             if i == middle:
                 thumb_source = image
             # Frames the sampling rule skips are passed as their (already verified) bytes; the

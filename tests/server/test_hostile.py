@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from server_support import TinyGallery, live_server, make_settings, running_client
@@ -134,6 +135,25 @@ def test_large_frames_decode_at_reduced_size_and_small_ones_do_not():
     Image.new("RGB", (96, 200), (1, 2, 3)).save(small, "PNG")
     image = service.probe_frame(small.getvalue(), "s", "s", BIG * BIG)
     assert service.decode_frame(image, "s", "s", needed=(64, 128)).size == (96, 200)
+
+
+def test_ordinary_jpeg_frames_decode_to_pils_pixels_through_the_fast_path():
+    """An upload decoded with its bytes (libjpeg-turbo) has exactly PIL's pixels, so a query's
+    features match the offline indexer's; grey, CMYK and truncated files keep PIL's handling."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (200, 96, 3), dtype=np.uint8)
+    for mode in ("RGB", "L", "CMYK"):
+        out = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=85)
+        data = out.getvalue()
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        probed = service.probe_frame(data, "frames[0]", "frames[0]", BIG * BIG)
+        decoded = service.decode_frame(probed, "frames[0]", "frames[0]", (64, 128), data)
+        assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), expected), mode
+    cut = data[: len(data) - 40]
+    probed = service.probe_frame(cut, "frames[2]", "frames[2] (cut.jpg)", BIG * BIG)
+    with pytest.raises(service.InvalidFrameError, match=r"frames\[2\] \(cut.jpg\): truncated"):
+        service.decode_frame(probed, "frames[2]", "frames[2] (cut.jpg)", (64, 128), cut)
 
 
 def test_admission_answers_503_with_retry_after_then_recovers(tiny_gallery: TinyGallery):
