@@ -5,6 +5,7 @@ Usage::
     python benchmarks/load.py                                  # tiny synthetic model + gallery
     python benchmarks/load.py --checkpoint m.safetensors --index gallery/ --device cuda
     python benchmarks/load.py --clients 32 --requests 20 --frames 6 --size 288x144
+    python benchmarks/load.py --device cuda --method vld --backbone ViT-B-16 --gallery 100000
 
 It starts ``python -m vvireid.server`` itself on 127.0.0.1 (a free port) and stops it at the end; nothing
 else is contacted. Without ``--checkpoint``/``--index`` it builds, in a temporary folder, a
@@ -41,8 +42,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_synthetic(folder: Path, gallery: int, size: tuple[int, int], seq_len: int) -> tuple:
-    """A random tiny checkpoint and a random-vector gallery index made for it."""
+def build_synthetic(
+    folder: Path,
+    gallery: int,
+    size: tuple[int, int],
+    seq_len: int,
+    method: str = "baseline",
+    backbone: str = "vvireid-tiny",
+) -> tuple:
+    """A random-weight checkpoint and a random-vector gallery index made for it.
+
+    The default tiny backbone measures the server's own overhead; ``ViT-B-16`` (random weights,
+    same cost as trained ones) measures what a user's GPU server does end to end.
+    """
     from vvireid.indexer.store import GalleryIndex, GalleryItem
     from vvireid.model.backbone import register_tiny_configs
     from vvireid.model.checkpoint import load_checkpoint, save_checkpoint
@@ -54,7 +66,8 @@ def build_synthetic(folder: Path, gallery: int, size: tuple[int, int], seq_len: 
     checkpoint = folder / "model.safetensors"
     save_checkpoint(checkpoint, create_model(
         ModelConfig(
-            "baseline", num_classes=8, backbone="vvireid-tiny", image_size=size, seq_len=seq_len,
+            method, num_classes=8, backbone=backbone, image_size=size, seq_len=seq_len,
+            num_cameras=4 if method == "xreid" else 0,
         ),
     ))
     model = load_checkpoint(checkpoint)
@@ -105,6 +118,8 @@ def start_server(args: argparse.Namespace, checkpoint: Path, index: Path, port: 
     ]
     if args.torch_threads:
         command += ["--torch-threads", str(args.torch_threads)]
+    if args.compile is not None:
+        command += ["--compile" if args.compile else "--no-compile"]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     wait_until_ready(process, base, args.start_timeout, log)
@@ -192,6 +207,8 @@ def summarise(records: list[dict], wall: float, metrics: str, args: argparse.Nam
         "setup": {"clients": args.clients, "requests_per_client": args.requests,
                   "frames": args.frames, "size": args.size, "device": args.device,
                   "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                  "model": str(args.checkpoint) if args.checkpoint else
+                  f"{args.method}/{args.backbone} (random weights)", "gallery": args.gallery,
                   "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()},
     }
 
@@ -201,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="default: a synthetic tiny model")
     parser.add_argument("--index", type=Path, help="default: a synthetic gallery")
     parser.add_argument("--gallery", type=int, default=10_000, help="synthetic gallery size")
+    parser.add_argument("--method", default="baseline", choices=("baseline", "vld", "xreid"),
+                        help="synthetic model's method")
+    parser.add_argument("--backbone", default="vvireid-tiny",
+                        help="synthetic model's backbone (ViT-B-16 for the real cost)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="the server's --compile (default: the server's own choice)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=20, help="per client")
     parser.add_argument("--frames", type=int, default=6, help="frames per request")
@@ -225,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(int(v) for v in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory(prefix="vvireid-load-") as tmp:
         if args.checkpoint is None:
-            checkpoint, index = build_synthetic(Path(tmp), args.gallery, size, args.frames)
+            checkpoint, index = build_synthetic(
+                Path(tmp), args.gallery, size, args.frames, args.method, args.backbone
+            )
         else:
             checkpoint, index = args.checkpoint, args.index
         payloads = jpeg_frames(min(args.clients, 16), args.frames, size)
