@@ -220,6 +220,9 @@ class PrototypeMemory(nn.Module):
     def rebuild(self, feats: Tensor, pids: Tensor, *, missing: str = "raise") -> None:
         """Set each row to the L2-normalised mean of the (un-normalised) features of its label.
 
+        Fixed shapes over all C rows (no boolean indexing), so with ``missing="keep"`` it never
+        waits for the GPU; ``"raise"`` reads the label counts once to name the absent labels.
+
         Args:
             feats: ``[N, D]`` features of the tracklets, e.g. all training tracklets of one
                 modality.
@@ -235,7 +238,9 @@ class PrototypeMemory(nn.Module):
             raise ValueError(f"missing must be 'raise' or 'keep', got {missing!r}")
         self._check_batch(feats, pids)
         pids = pids.to(device=self.features.device, dtype=torch.long)
-        counts = torch.bincount(pids, minlength=self.num_classes)
+        counts = torch.zeros_like(self.features[:, 0]).index_add_(
+            0, pids, torch.ones_like(pids, dtype=self.features.dtype)
+        )
         present = counts > 0
         if missing == "raise" and not bool(present.all()):
             absent = torch.nonzero(~present).flatten()
@@ -246,8 +251,8 @@ class PrototypeMemory(nn.Module):
             )
         sums = torch.zeros_like(self.features)
         sums.index_add_(0, pids, feats.detach().to(self.features))
-        means = sums[present] / counts[present].unsqueeze(1).to(sums.dtype)
-        self.features[present] = F.normalize(means, dim=1)
+        means = F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=1)
+        self.features.copy_(torch.where(present.unsqueeze(1), means, self.features))
 
     @torch.no_grad()
     def hardest_update(
@@ -259,6 +264,10 @@ class PrototypeMemory(nn.Module):
         take the one with the lowest cosine to the current row (the first on ties) and set
         ``row = normalize(momentum * row + (1 - momentum) * hardest)``. Other rows are unchanged.
 
+        It runs every training step, so every tensor has a shape known in advance (scatters over
+        all C labels, a mask instead of boolean indexing or ``torch.unique``): on a GPU nothing
+        here waits for the device to size an output.
+
         Args:
             feats: ``[B, D]`` the batch features the loss used (normalised here).
             pids: ``[B]`` labels in ``[0, C)``.
@@ -266,38 +275,48 @@ class PrototypeMemory(nn.Module):
             candidates: optional ``[B]`` bool mask of eligible samples. ``None`` = every clip of
                 the label in the batch, both modalities (X-ReID code); the paper's Eq. 2 uses only
                 the other modality's clips (pass ``modality != this memory's modality``).
+                Ineligible samples are never chosen and do not make their label count as updated.
 
         Returns:
-            The labels whose rows were updated, ascending.
+            ``[C]`` bool mask of the labels whose rows were updated, on the memory's device.
+            ``torch.nonzero(mask).flatten()`` lists them ascending (that read waits for the GPU).
         """
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self._check_batch(feats, pids)
-        device = self.features.device
+        device, batch = self.features.device, pids.shape[0]
+        eligible = self._eligible(candidates, pids)
+        if batch == 0:
+            return torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         z = F.normalize(feats.detach().to(device=device, dtype=self.features.dtype), dim=1)
         labels = pids.to(device=device, dtype=torch.long)
-        if candidates is not None:
-            if candidates.dtype != torch.bool or candidates.shape != pids.shape:
-                raise ValueError(
-                    f"candidates must be a bool mask shaped like pids {tuple(pids.shape)}, "
-                    f"got {candidates.dtype} {tuple(candidates.shape)}"
-                )
-            keep = candidates.to(device)
-            z, labels = z[keep], labels[keep]
-        if labels.numel() == 0:
-            return labels
-        uniq, inverse = torch.unique(labels, return_inverse=True)
         cosine = (z * self.features[labels]).sum(dim=1)
-        lowest = torch.full_like(uniq, float("inf"), dtype=cosine.dtype)
-        lowest = lowest.scatter_reduce(0, inverse, cosine, reduce="amin")
-        position = torch.arange(labels.numel(), device=device)
-        position = position.masked_fill(cosine != lowest[inverse], labels.numel())
-        first = torch.full_like(uniq, labels.numel()).scatter_reduce(
-            0, inverse, position, reduce="amin"
-        )
-        mixed = momentum * self.features[uniq] + (1.0 - momentum) * z[first]
-        self.features[uniq] = F.normalize(mixed, dim=1)
-        return uniq
+        if eligible is not None:
+            cosine = cosine.masked_fill(~eligible, float("inf"))
+        lowest = torch.full_like(self.features[:, 0], float("inf"))
+        lowest = lowest.scatter_reduce(0, labels, cosine, reduce="amin")
+        is_hardest = cosine == lowest[labels]
+        if eligible is not None:
+            is_hardest &= eligible
+        position = torch.arange(batch, device=device).masked_fill(~is_hardest, batch)
+        first = torch.full((self.num_classes,), batch, dtype=torch.long, device=device)
+        first = first.scatter_reduce(0, labels, position, reduce="amin")
+        updated = first < batch  # a label with no eligible sample (or none in the batch)
+        hardest = z[first.clamp(max=batch - 1)]  # rows of labels not updated are discarded below
+        mixed = F.normalize(momentum * self.features + (1.0 - momentum) * hardest, dim=1)
+        self.features.copy_(torch.where(updated.unsqueeze(1), mixed, self.features))
+        return updated
+
+    def _eligible(self, candidates: Tensor | None, pids: Tensor) -> Tensor | None:
+        """``candidates`` checked and moved to the memory's device (None: every sample)."""
+        if candidates is None:
+            return None
+        if candidates.dtype != torch.bool or candidates.shape != pids.shape:
+            raise ValueError(
+                f"candidates must be a bool mask shaped like pids {tuple(pids.shape)}, "
+                f"got {candidates.dtype} {tuple(candidates.shape)}"
+            )
+        return candidates.to(self.features.device)
 
     def _check_batch(self, feats: Tensor, pids: Tensor) -> None:
         _check_feats_pids(feats, pids)
@@ -328,13 +347,29 @@ def visual_to_text_loss(feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tens
         return F.cross_entropy(logits, pids.long())
 
 
-def cmcl_loss(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Tensor:
-    """X-ReID's cross-modality consistency loss (paper Eq. 9; absent from the official code).
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, and 0 when it holds nowhere.
 
-    ``mean_i ||O_i - O_CII,i||_2`` over clips (``squared=True``: the squared distance). Which side
-    carries gradient is the caller's choice (detach one input to stop it).
+    The same number as ``values[mask].mean()`` (or skipping the term when the mask is empty), but
+    in fixed shapes: boolean indexing and ``bool(mask.any())`` each make a GPU step wait for the
+    device, whereas here the count stays on the device (``clamp(min=1)`` keeps an empty mask at 0).
 
-    Shape: both ``[B, D]``. Returns a scalar.
+    Shape: ``values`` ``[B]``, ``mask`` ``[B]`` bool. Returns a scalar in ``values``' dtype.
+    """
+    if mask.dtype != torch.bool or mask.shape != values.shape:
+        raise ValueError(
+            f"mask must be a bool tensor shaped like values {tuple(values.shape)}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return total.sum() / mask.sum().clamp(min=1)
+
+
+def cmcl_distances(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Tensor:
+    """Per-clip distances of X-ReID's CMCL: ``||O_i - O_CII,i||_2`` (``squared=True``: squared).
+
+    The objective averages these per modality with :func:`masked_mean`; :func:`cmcl_loss` is their
+    plain mean. Shape: both ``[B, D]`` -> ``[B]`` float32.
     """
     if branch_mean.dim() != 2 or branch_mean.shape != cii_out.shape:
         raise ValueError(
@@ -344,5 +379,17 @@ def cmcl_loss(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Te
     with _fp32(branch_mean.device):
         diff = branch_mean.float() - cii_out.float()
         if squared:
-            return diff.pow(2).sum(dim=1).mean()
-        return torch.linalg.vector_norm(diff, dim=1).mean()
+            return diff.pow(2).sum(dim=1)
+        return torch.linalg.vector_norm(diff, dim=1)
+
+
+def cmcl_loss(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Tensor:
+    """X-ReID's cross-modality consistency loss (paper Eq. 9; absent from the official code).
+
+    ``mean_i ||O_i - O_CII,i||_2`` over clips (``squared=True``: the squared distance). Which side
+    carries gradient is the caller's choice (detach one input to stop it).
+
+    Shape: both ``[B, D]``. Returns a scalar.
+    """
+    with _fp32(branch_mean.device):
+        return cmcl_distances(branch_mean, cii_out, squared).mean()

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 from vvireid.model.types import Modality
 from vvireid.model.xreid import XReID, XReIDOutput
-from vvireid.training.losses import PrototypeMemory, batch_hard_triplet, cmcl_loss, cross_entropy
+from vvireid.training.losses import (
+    PrototypeMemory,
+    batch_hard_triplet,
+    cmcl_distances,
+    cross_entropy,
+    masked_mean,
+)
 from vvireid.training.objectives.base import Objective, TrainBatch
 
 log = logging.getLogger(__name__)
@@ -126,15 +132,17 @@ class XReIDObjective(Objective):
 
         With the "stopgrad" guard the CMCL target O_CII is detached: CMCL moves only the branch
         (SII/LII) toward the cross-modal feature, while CII learns from ``ce_cii``/``tri_cii``.
+        CMCL is the mean within each modality, summed; the per-modality means are masked means
+        (no boolean indexing, no ``bool(any)``), so the step never waits for the GPU here.
         """
         w, pids = self.weights, batch.pids
+        rows = [batch.modalities == modality for modality in Modality]
         cmcl = out.cii[0].branch_mean.new_zeros(())
         for cii in out.cii:
             target = cii.interacted.detach() if self.detach_cmcl_target else cii.interacted
-            for modality in Modality:
-                rows = batch.modalities == modality
-                if bool(rows.any()):
-                    cmcl = cmcl + cmcl_loss(cii.branch_mean[rows], target[rows], self.cmcl_squared)
+            distances = cmcl_distances(cii.branch_mean, target, self.cmcl_squared)
+            for in_modality in rows:  # a modality absent from the batch adds 0
+                cmcl = cmcl + masked_mean(distances, in_modality)
         terms = {"cmcl": w["cmcl"] * cmcl}
         supervised = [cii for cii in out.cii if cii.logits is not None]
         if supervised:
