@@ -264,9 +264,9 @@ class PrototypeMemory(nn.Module):
         take the one with the lowest cosine to the current row (the first on ties) and set
         ``row = normalize(momentum * row + (1 - momentum) * hardest)``. Other rows are unchanged.
 
-        It runs every training step, so every tensor has a shape known in advance (scatters over
-        all C labels, a mask instead of boolean indexing or ``torch.unique``): on a GPU nothing
-        here waits for the device to size an output.
+        It runs every training step, so every tensor has a shape known in advance (per-label
+        minima scattered over all C labels, masks instead of boolean indexing or ``torch.unique``):
+        on a GPU nothing here waits for the device to size an output.
 
         Args:
             feats: ``[B, D]`` the batch features the loss used (normalised here).
@@ -290,7 +290,8 @@ class PrototypeMemory(nn.Module):
             return torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         z = F.normalize(feats.detach().to(device=device, dtype=self.features.dtype), dim=1)
         labels = pids.to(device=device, dtype=torch.long)
-        cosine = (z * self.features[labels]).sum(dim=1)
+        rows = self.features[labels]
+        cosine = (z * rows).sum(dim=1)
         if eligible is not None:
             cosine = cosine.masked_fill(~eligible, float("inf"))
         lowest = torch.full_like(self.features[:, 0], float("inf"))
@@ -301,10 +302,13 @@ class PrototypeMemory(nn.Module):
         position = torch.arange(batch, device=device).masked_fill(~is_hardest, batch)
         first = torch.full((self.num_classes,), batch, dtype=torch.long, device=device)
         first = first.scatter_reduce(0, labels, position, reduce="amin")
-        updated = first < batch  # a label with no eligible sample (or none in the batch)
-        hardest = z[first.clamp(max=batch - 1)]  # rows of labels not updated are discarded below
-        mixed = F.normalize(momentum * self.features + (1.0 - momentum) * hardest, dim=1)
-        self.features.copy_(torch.where(updated.unsqueeze(1), mixed, self.features))
+        updated = first < batch  # False: no eligible sample of the label (or none in the batch)
+        # Per sample, its label's new row; samples of one label carry the same row, so writing
+        # them all back (duplicate indices) is deterministic. B rows, not C: cheaper on the CPU.
+        hardest = z[first[labels].clamp(max=batch - 1)]
+        mixed = F.normalize(momentum * rows + (1.0 - momentum) * hardest, dim=1)
+        moved = updated[labels].unsqueeze(1)
+        self.features.index_put_((labels,), torch.where(moved, mixed, rows))
         return updated
 
     def _eligible(self, candidates: Tensor | None, pids: Tensor) -> Tensor | None:
