@@ -33,6 +33,7 @@ from vvireid.indexer.build import (
     select_shard,
     shard_of,
 )
+from vvireid.indexer.encode import DECODE_MODES
 from vvireid.indexer.gallery import (
     BACKENDS,
     BackendOptions,
@@ -106,6 +107,14 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="frame-decoding worker threads (default: min(4, CPU cores))"
+    )
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        choices=DECODE_MODES,
+        help="where JPEG frames are decoded and resized: cpu (worker threads), device (batched "
+        "on the encode device, nvJPEG on CUDA; other frames on the CPU) or auto (device on "
+        "CUDA when torchvision imports)",
     )
     parser.add_argument(
         "--max-failures",
@@ -288,6 +297,7 @@ def _encoder(args: argparse.Namespace) -> Any:
         num_workers=getattr(args, "workers", None),
         dtype=getattr(args, "dtype", "auto"),
         compile=getattr(args, "compile", None),
+        decode=getattr(args, "decode", "auto"),
     )
 
 

@@ -6,16 +6,22 @@ tracklet indexed offline and the same frames posted to the server give the same 
 through the checkpoint's own :class:`~model.preprocess.FramePreprocessor` (resize, normalisation,
 test-time frame sampling), the model's ``encode``, the clip average and the normalisation its
 ``similarity`` asks for.
+
+Indexing keeps the host light so that it keeps up with a GPU: decode threads produce resized uint8
+pixels, normalised on the encode device (``decode="cpu"``), or only read the files while the JPEG
+decode and the resize run batched on the device itself (``decode="device"``, nvJPEG on CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,13 +30,27 @@ from PIL import Image
 from vvireid.model.base import ReIDModel
 from vvireid.model.device import resolve_device
 from vvireid.model.inference import InferenceModel, buckets_up_to, parse_dtype
-from vvireid.model.preprocess import FrameError, FramePreprocessor, FrameSource, load_image
+from vvireid.model.preprocess import (
+    FrameError,
+    FramePreprocessor,
+    FrameSource,
+    decode_jpegs,
+    device_decodable,
+    device_decoding_available,
+    load_image,
+    load_pixels,
+    normalize_pixels,
+    read_frame,
+    resize_pixels,
+    simplejpeg,
+)
 from vvireid.model.types import Modality, Tracklet
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_HEIGHT = 128
 THUMBNAIL_QUALITY = 85
+DECODE_MODES = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -68,15 +88,66 @@ class _Prepared:
     thumbnail: bytes | None
 
 
+@dataclass
+class _Undecoded:
+    """A tracklet read by a worker (``decode="device"``) whose JPEG frames await the device.
+
+    ``jpegs``: sampled frame -> (its bytes, the name a failure reports); ``pixels``: frames that
+    took the CPU path (not a plain JPEG), already resized to uint8 [H, W, 3].
+    """
+
+    tracklet: Tracklet
+    indices: list[list[int]]
+    wants_thumbnail: bool
+    jpegs: dict[int, tuple[bytes, str]] = field(default_factory=dict)
+    pixels: dict[int, np.ndarray] = field(default_factory=dict)
+    thumbnail: bytes | None = None
+
+
+def resolve_decode(mode: str, device: torch.device) -> str:
+    """Where frames are decoded: ``cpu`` or ``device``.
+
+    ``auto`` is ``device`` on CUDA when torchvision's JPEG decoder imports (nvJPEG decodes far
+    faster than the host's cores can), ``cpu`` otherwise. ``device`` on a CPU encoder runs the
+    same batched code with libjpeg (what the tests check).
+
+    Raises:
+        ValueError: an unknown mode, or ``device`` without torchvision's decoder.
+    """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; known: {', '.join(DECODE_MODES)}")
+    if mode == "auto":
+        return "device" if device.type == "cuda" and device_decoding_available() else "cpu"
+    if mode == "device" and not device_decoding_available():
+        raise ValueError(
+            "decode='device' needs torchvision's decode_jpeg (torchvision.io); install "
+            "torchvision or decode on the CPU (decode='cpu')"
+        )
+    return mode
+
+
+def thumbnail_size(height: int, width: int, max_height: int = THUMBNAIL_MAX_HEIGHT) -> tuple[int, int]:
+    """(height, width) of a frame's thumbnail: at most ``max_height`` high, aspect kept."""
+    if height <= max_height:
+        return height, width
+    return max_height, max(1, round(width * max_height / height))
+
+
+def jpeg_thumbnail(pixels: Image.Image | np.ndarray) -> bytes:
+    """Thumbnail pixels (an RGB image or uint8 [h, w, 3]) as the stored JPEG bytes."""
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
+
+
 def make_thumbnail(image: Image.Image, max_height: int = THUMBNAIL_MAX_HEIGHT) -> bytes:
     """A small JPEG of ``image`` (height at most ``max_height``, aspect kept)."""
     thumb = image.convert("RGB")
-    if thumb.height > max_height:
-        width = max(1, round(thumb.width * max_height / thumb.height))
-        thumb = thumb.resize((width, max_height), Image.BILINEAR)
-    out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
-    return out.getvalue()
+    height, width = thumbnail_size(thumb.height, thumb.width, max_height)
+    if height != thumb.height:
+        thumb = thumb.resize((width, height), Image.BILINEAR)
+    return jpeg_thumbnail(thumb)
 
 
 def thumbnail_frame(clip_indices: Sequence[Sequence[int]]) -> int:
@@ -129,6 +200,10 @@ class TrackletEncoder:
             compiling on a CPU costs minutes for little gain). Call :meth:`warm_up` before
             serving so that no compilation happens on a request.
         buckets: the static batch sizes (default: powers of two up to ``batch_size``).
+        decode: where :meth:`encode_tracklets` decodes frames (see :func:`resolve_decode`):
+            ``cpu`` (worker threads decode and resize to uint8, the device normalises),
+            ``device`` (workers only read files; plain JPEGs are decoded and resized batched on
+            ``device``, any other frame on the CPU path) or ``auto``.
     """
 
     def __init__(
@@ -141,11 +216,16 @@ class TrackletEncoder:
         num_workers: int | None = None,
         compile: bool | None = None,
         buckets: Sequence[int] | None = None,
+        decode: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = parse_dtype(dtype, self.device)
+        self.decode = resolve_decode(decode, self.device)
+        if self.decode == "device" and simplejpeg is None:
+            log.warning("simplejpeg is not installed: no frame can be checked for the device "
+                        "decoder, so every frame is decoded on the CPU")
         self.batch_size = int(batch_size)
         self.runner = InferenceModel(
             model, self.device, dtype=self.dtype,
@@ -158,6 +238,7 @@ class TrackletEncoder:
         self.similarity: str = model.similarity
         self.dim: int = int(model.embed_dim)
         self.fingerprint: str | None = model.fingerprint
+        self._stream: Any = None  # the device decoder's CUDA stream, made on first use
 
     # ---- one request at a time (server) -------------------------------------------------------
 
@@ -166,7 +247,7 @@ class TrackletEncoder:
     ) -> torch.Tensor:
         """Decode and sample a tracklet's frames with the checkpoint's test-time rule.
 
-        Shape: -> clips [C, T, 3, H, W] (C = 1 except for the ``dense`` rule).
+        Shape: -> clips [C, T, 3, H, W] float32 (C = 1 except for the ``dense`` rule).
 
         Raises:
             FrameError: an undecodable frame (named by ``names`` or its path), or no frames.
@@ -177,14 +258,36 @@ class TrackletEncoder:
         self, frames: Sequence[FrameSource], names: Sequence[str] | None = None
     ) -> tuple[torch.Tensor, bytes]:
         """``prepare`` plus a JPEG thumbnail of the middle sampled frame (decoded once)."""
-        if len(frames) == 0:
-            raise FrameError("tracklet", "has no frames")
-        indices = self.preprocessor.clip_indices(len(frames))
+        indices, wanted = self.preprocessor.sampled_frames(len(frames))
         images: list[Any] = list(frames)
-        for i in sorted({i for clip in indices for i in clip}):
+        for i in wanted:
             images[i] = load_image(frames[i], names[i] if names is not None else None)
         clips = self.preprocessor.clips(images, names)
         return clips, make_thumbnail(images[thumbnail_frame(indices)])
+
+    def prepare_pixels(
+        self, frames: Sequence[FrameSource], names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """``prepare`` without the normalisation: uint8 clips that :meth:`encode_prepared`
+        normalises on the encode device (4x less memory and transfer, no float work here).
+
+        Shape: -> clips [C, T, 3, H, W] uint8.
+
+        Raises:
+            FrameError: an undecodable frame (named by ``names`` or its path), or no frames.
+        """
+        return self.preprocessor.pixel_clips(frames, names)
+
+    def prepare_pixels_with_thumbnail(
+        self, frames: Sequence[FrameSource], names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, bytes]:
+        """``prepare_pixels`` plus a JPEG thumbnail of the middle sampled frame (decoded once)."""
+        indices, wanted = self.preprocessor.sampled_frames(len(frames))
+        decoded = {i: load_pixels(frames[i], names[i] if names is not None else None)
+                   for i in wanted}
+        thumbnail = make_thumbnail(Image.fromarray(decoded[thumbnail_frame(indices)]))
+        pixels = {i: self.preprocessor.frame_pixels(a) for i, a in decoded.items()}
+        return self.preprocessor.assemble(indices, pixels), thumbnail
 
     def encode_prepared(
         self, clip_sets: Sequence[torch.Tensor], camids: Sequence[int | None]
@@ -193,7 +296,8 @@ class TrackletEncoder:
 
         The clips of all items are concatenated and run in chunks of ``batch_size``; each item's
         vector comes from :func:`tracklet_features` (un-normalised clip features averaged, then
-        L2-normalised when the model's similarity is cosine).
+        L2-normalised when the model's similarity is cosine). Clip sets may be float (``prepare``)
+        or uint8 (``prepare_pixels``, normalised on the device), on the CPU or on the device.
 
         Shape: clip_sets: n tensors [C_i, T, 3, H, W]; camids: n ints or None -> float32 [n, D].
         """
@@ -203,17 +307,34 @@ class TrackletEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         counts = torch.tensor([c.shape[0] for c in clip_sets])
         owner = torch.repeat_interleave(torch.arange(len(clip_sets)), counts)
-        clips = torch.cat(list(clip_sets))
+        clips = torch.cat(self._alike(clip_sets))
         clip_camids = [camids[i] for i in owner.tolist()]
         feats = torch.empty(len(clips), self.dim, dtype=torch.float32)
         with_cam = torch.tensor([c is not None for c in clip_camids])
         for group in (torch.nonzero(with_cam).flatten(), torch.nonzero(~with_cam).flatten()):
             if len(group):
                 cams = [clip_camids[i] for i in group.tolist()]
-                rows = clips if len(group) == len(clips) else clips[group]  # no copy if all
+                rows = clips if len(group) == len(clips) else clips[group.to(clips.device)]
                 feats[group] = self._run(rows, None if cams[0] is None else cams)
         means = tracklet_features(feats, counts, self.similarity)
         return means.numpy().astype(np.float32, copy=False)
+
+    def _alike(self, clip_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Clip sets that one ``torch.cat`` can join: one dtype kind and one device.
+
+        uint8 sets among float ones are normalised first (a cat would turn raw pixels into
+        floats, unnormalised); sets on several devices all go to the encode device.
+        """
+        sets = list(clip_sets)
+        if len({c.dtype == torch.uint8 for c in sets}) > 1:
+            config = self.preprocessor.config
+            sets = [normalize_pixels(c, config) if c.dtype == torch.uint8 else c for c in sets]
+        if len({c.device for c in sets}) > 1:
+            sets = [c.to(self.device) for c in sets]
+        for c in sets:
+            if c.device.type == "cuda":  # made on the decode stream, read on this one
+                c.record_stream(torch.cuda.current_stream(c.device))
+        return sets
 
     def _run(self, clips: torch.Tensor, camids: list[int] | None) -> torch.Tensor:
         """Un-normalised clip features, fp32 on the CPU [B, D], in bucket-sized model calls."""
@@ -233,7 +354,7 @@ class TrackletEncoder:
 
     def encode_frames(self, frames: Sequence[FrameSource], camid: int | None = None) -> np.ndarray:
         """One tracklet's frames -> its vector [D] (float32)."""
-        return self.encode_prepared([self.prepare(frames)], [camid])[0]
+        return self.encode_prepared([self.prepare_pixels(frames)], [camid])[0]
 
     # ---- many tracklets (build) ----------------------------------------------------------------
 
@@ -250,33 +371,49 @@ class TrackletEncoder:
         A tracklet that cannot be used (no frames, unreadable frame, bad modality or camid, or a
         model error on its own clips) becomes an :class:`EncodeFailure` naming the file and the
         reason; the others are encoded. ``start`` offsets the reported chunk positions.
+
+        With ``decode="device"`` a third stage sits between the workers and the model: one
+        thread decodes the next chunk's JPEGs on the device (its own CUDA stream) while this
+        thread runs the model on the current chunk.
         """
         tracklets = list(tracklets)
         chunk_size = chunk_size or self.batch_size * 4
         slices = [tracklets[i : i + chunk_size] for i in range(0, len(tracklets), chunk_size)]
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="vvireid-decode")
-        pending: list[Future[Any]] = []
+        stage = (
+            ThreadPoolExecutor(1, thread_name_prefix="vvireid-device-decode")
+            if self.decode == "device" else None
+        )
+        pending: _Loading | None = None
         try:
-            pending = self._submit(pool, slices[0], thumbnails) if slices else []
+            pending = self._submit(pool, stage, slices[0], thumbnails) if slices else None
             for n, chunk in enumerate(slices):
                 current = pending
                 pending = (
-                    self._submit(pool, slices[n + 1], thumbnails) if n + 1 < len(slices) else []
+                    self._submit(pool, stage, slices[n + 1], thumbnails)
+                    if n + 1 < len(slices) else None
                 )
-                loaded = [f.result() for f in current]
-                yield self._encode_loaded(loaded, start + n * chunk_size, len(chunk))
+                assert current is not None
+                yield self._encode_loaded(current.result(), start + n * chunk_size, len(chunk))
         finally:
-            for future in pending:
-                future.cancel()
+            if pending is not None:
+                pending.cancel()
+            if stage is not None:
+                stage.shutdown(wait=True)
             pool.shutdown(wait=True)
 
     def _submit(
-        self, pool: ThreadPoolExecutor, chunk: list[Tracklet], thumbnails: bool
-    ) -> list[Future[Any]]:
-        return [pool.submit(self._load, t, thumbnails) for t in chunk]
+        self, pool: ThreadPoolExecutor, stage: ThreadPoolExecutor | None, chunk: list[Tracklet],
+        thumbnails: bool,
+    ) -> _Loading:
+        loading = _Loading([pool.submit(self._load, t, thumbnails) for t in chunk])
+        if stage is not None:
+            loading.decoded = stage.submit(self._decode_on_device, loading.items)
+        return loading
 
-    def _load(self, tracklet: Tracklet, thumbnails: bool) -> _Prepared | EncodeFailure:
-        """Decode one tracklet (runs in a worker thread)."""
+    def _load(self, tracklet: Tracklet, thumbnails: bool) -> _Prepared | _Undecoded | EncodeFailure:
+        """Check and read one tracklet (runs in a worker thread); decode it unless the device
+        will (``decode="device"``)."""
         where = str((tracklet.extra or {}).get("source") or tracklet.tracklet_id)
         try:
             Modality.parse(tracklet.modality)
@@ -290,13 +427,142 @@ class TrackletEncoder:
         if len(tracklet.frames) == 0:
             return EncodeFailure(tracklet.tracklet_id, where, "tracklet has no frames")
         try:
-            if thumbnails:
-                clips, thumb = self.prepare_with_thumbnail(tracklet.frames)
-            else:
-                clips, thumb = self.prepare(tracklet.frames), None
+            if self.decode == "device":
+                return self._read_for_device(tracklet, thumbnails)
+            clips, thumb = self._prepare_on_cpu(tracklet.frames, thumbnails)
         except FrameError as exc:
             return EncodeFailure(tracklet.tracklet_id, exc.where, exc.reason)
         return _Prepared(tracklet, clips, thumb)
+
+    def _prepare_on_cpu(
+        self, frames: Sequence[FrameSource], thumbnails: bool
+    ) -> tuple[torch.Tensor, bytes | None]:
+        """A tracklet's uint8 clips (and thumbnail), decoded in this worker thread."""
+        if thumbnails:
+            return self.prepare_pixels_with_thumbnail(frames)
+        return self.prepare_pixels(frames), None
+
+    def _read_for_device(self, tracklet: Tracklet, thumbnails: bool) -> _Undecoded:
+        """Read the sampled frames; plain JPEGs wait for the device, others decode here."""
+        frames = tracklet.frames
+        indices, wanted = self.preprocessor.sampled_frames(len(frames))
+        middle = thumbnail_frame(indices)
+        item = _Undecoded(tracklet, indices, thumbnails)
+        for i in wanted:
+            where = str(frames[i]) if isinstance(frames[i], (str, Path)) else None
+            data = read_frame(frames[i], where)
+            if isinstance(data, bytes) and device_decodable(data):
+                item.jpegs[i] = (data, where or "frame")
+            else:
+                self._decode_on_cpu(item, i, data, where, middle)
+        return item
+
+    def _decode_on_cpu(
+        self, item: _Undecoded, i: int, data: FrameSource, where: str | None, middle: int
+    ) -> None:
+        """The CPU path for one frame of a device-decoded tracklet (it names a bad file)."""
+        decoded = load_pixels(data, where)
+        if item.wants_thumbnail and i == middle:
+            item.thumbnail = make_thumbnail(Image.fromarray(decoded))
+        item.pixels[i] = self.preprocessor.frame_pixels(decoded)
+
+    def _decode_on_device(
+        self, futures: list[Future[Any]]
+    ) -> list[_Prepared | EncodeFailure]:
+        """The device stage of one chunk: batched JPEG decode, resize, clips and thumbnails.
+
+        Runs in its own thread and, on CUDA, its own stream, which it synchronises before
+        handing the clips over, so the model's stream reads finished pixels.
+        """
+        loaded = [f.result() for f in futures]
+        if self.device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            context: Any = torch.cuda.stream(self._stream)
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            done = self._decode_items(loaded)
+        if self._stream is not None:
+            self._stream.synchronize()
+        return done
+
+    def _decode_items(
+        self, loaded: list[_Prepared | _Undecoded | EncodeFailure]
+    ) -> list[_Prepared | EncodeFailure]:
+        jobs = [(k, i, data, where) for k, item in enumerate(loaded)
+                if isinstance(item, _Undecoded) for i, (data, where) in item.jpegs.items()]
+        decoded = decode_jpegs([job[2] for job in jobs], self.device)
+        on_device: dict[tuple[int, int], torch.Tensor] = {}
+        failed: dict[int, EncodeFailure] = {}
+        declined = 0
+        for (k, i, data, where), frame in zip(jobs, decoded, strict=True):
+            item = loaded[k]
+            assert isinstance(item, _Undecoded)
+            if frame is not None:
+                on_device[(k, i)] = frame
+                continue
+            declined += 1
+            try:
+                self._decode_on_cpu(item, i, data, where, thumbnail_frame(item.indices))
+            except FrameError as exc:
+                failed.setdefault(k, EncodeFailure(item.tracklet.tracklet_id, exc.where, exc.reason))
+        if declined:
+            log.warning("%d of %d JPEG frames could not be decoded on %s; decoded on the CPU",
+                        declined, len(jobs), self.device)
+        table, rows = self._frame_table(loaded, on_device)
+        thumbs = self._device_thumbnails(loaded, on_device, failed)
+        out: list[_Prepared | EncodeFailure] = []
+        for k, item in enumerate(loaded):
+            if not isinstance(item, _Undecoded):
+                out.append(item)
+            elif k in failed:
+                out.append(failed[k])
+            else:
+                order = [rows[(k, i)] for clip in item.indices for i in clip]
+                clips = table[torch.tensor(order, device=table.device)]
+                clips = clips.view(len(item.indices), -1, *clips.shape[1:])
+                out.append(_Prepared(item.tracklet, clips, item.thumbnail or thumbs.get(k)))
+        return out
+
+    def _frame_table(
+        self, loaded: list[Any], on_device: dict[tuple[int, int], torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[tuple[int, int], int]]:
+        """Every sampled frame of the chunk resized, uint8 [N, 3, H, W] on the device, and the
+        row of each (tracklet, frame): device-decoded frames first, then CPU-decoded ones."""
+        size = tuple(self.preprocessor.config.image_size)
+        keys = list(on_device)
+        parts = [resize_pixels([on_device[key] for key in keys], size)] if keys else []
+        host = [((k, i), p) for k, item in enumerate(loaded) if isinstance(item, _Undecoded)
+                for i, p in item.pixels.items()]
+        if host:
+            stacked = np.stack([p.transpose(2, 0, 1) for _, p in host])
+            parts.append(torch.from_numpy(stacked).to(self.device))
+            keys += [key for key, _ in host]
+        if not parts:
+            return torch.empty(0, 3, *size, dtype=torch.uint8, device=self.device), {}
+        return torch.cat(parts), {key: n for n, key in enumerate(keys)}
+
+    def _device_thumbnails(
+        self, loaded: list[Any], on_device: dict[tuple[int, int], torch.Tensor],
+        failed: dict[int, EncodeFailure],
+    ) -> dict[int, bytes]:
+        """JPEG thumbnails of the middle frames decoded on the device, resized there (one
+        resize and one copy to the host per distinct frame size), encoded on the host."""
+        groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+        for k, item in enumerate(loaded):
+            if not isinstance(item, _Undecoded) or not item.wants_thumbnail or k in failed:
+                continue
+            frame = on_device.get((k, thumbnail_frame(item.indices)))
+            if frame is not None:
+                groups.setdefault(tuple(frame.shape), []).append((k, frame))
+        thumbs = {}
+        for shape, members in groups.items():
+            size = thumbnail_size(shape[1], shape[2])
+            small = resize_pixels([frame for _, frame in members], size)
+            for (k, _), pixels in zip(members, small.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
+                thumbs[k] = jpeg_thumbnail(pixels)
+        return thumbs
 
     def _encode_loaded(
         self, loaded: list[_Prepared | EncodeFailure], start: int, size: int
@@ -335,3 +601,23 @@ class TrackletEncoder:
                 )
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
         return kept, vectors, failures
+
+
+@dataclass
+class _Loading:
+    """One chunk in flight: its workers' futures and, with ``decode="device"``, the device
+    stage's future, which waits for them."""
+
+    items: list[Future[Any]]
+    decoded: Future[Any] | None = None
+
+    def result(self) -> list[_Prepared | EncodeFailure]:
+        if self.decoded is not None:
+            return self.decoded.result()
+        return [f.result() for f in self.items]
+
+    def cancel(self) -> None:
+        for future in self.items:
+            future.cancel()
+        if self.decoded is not None:
+            self.decoded.cancel()

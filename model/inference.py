@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from vvireid.model.base import UNKNOWN_CAMERA, ReIDModel, check_camids
+from vvireid.model.preprocess import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,12 @@ class InferenceModel:
     def encode(self, clips: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """Features of ``clips`` as fp32 on the CPU, computed in bucket-sized model calls.
 
-        Shape: clips [B, T, 3, H, W] (any dtype, any device), camids [B] or None -> [B, D].
+        ``clips`` are either the model's normalised input (any float dtype) or uint8 RGB pixels
+        (``FramePreprocessor.pixel_clips``), which are moved as uint8 and normalised on the
+        device one bucket at a time (:func:`~vvireid.model.preprocess.normalize_pixels`), so the
+        host never holds or transfers the 4x larger float clips. The dtype decides.
+
+        Shape: clips [B, T, 3, H, W] (any device), camids [B] or None -> [B, D].
 
         Raises:
             ValueError: clips of the wrong shape for this model, or camids of another length.
@@ -192,7 +198,11 @@ class InferenceModel:
     def _run_bucket(self, clips: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         size = len(clips)
         bucket = bucket_for(size, self.buckets) if self.pad else size
-        clips = clips.to(self.device, dtype=self.dtype, non_blocking=True)
+        if clips.dtype == torch.uint8:
+            pixels = clips.to(self.device, non_blocking=True)
+            clips = normalize_pixels(pixels, self.model.preprocess).to(self.dtype)
+        else:
+            clips = clips.to(self.device, dtype=self.dtype, non_blocking=True)
         if bucket > size:
             pad = clips[:1].expand(bucket - size, *clips.shape[1:])
             clips = torch.cat([clips, pad])

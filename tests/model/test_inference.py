@@ -130,3 +130,24 @@ def test_a_compiler_failure_at_warm_up_falls_back_to_eager(tiny_kwargs, make_cli
     runner.warm_up(with_camids=False)
     assert not runner.compiled and "running the model eagerly" in caplog.text
     torch.testing.assert_close(runner.encode(clips), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_uint8_pixels_are_normalised_on_the_device_to_the_float_features(method, tiny_kwargs):
+    from vvireid.model.preprocess import normalize_pixels
+
+    model = _model(method, tiny_kwargs)
+    pixels = torch.randint(0, 256, (5, SEQ_LEN, 3, *tiny_kwargs["image_size"]), dtype=torch.uint8)
+    camids = _camids(method, 5)
+    floats = normalize_pixels(pixels, model.preprocess)
+    reference = model.encode(floats, camids)
+    runner = InferenceModel(model, CPU, buckets=(2, 4), pad=True)  # 5 -> 4, then 1 padded to 2
+    seen = []
+    encode = runner._encode
+    runner._encode = lambda c, k: seen.append(c.dtype) or encode(c, k)
+    got = runner.encode(pixels, camids)
+    assert set(seen) == {torch.float32}  # the model never sees raw pixels
+    assert (got - reference).abs().max().item() <= 1e-5
+    bf16 = InferenceModel(copy.deepcopy(model), CPU, dtype=torch.bfloat16, buckets=(5,))
+    cosine = F.cosine_similarity(bf16.encode(pixels, camids), reference, dim=1)
+    assert cosine.min().item() >= 0.9999
