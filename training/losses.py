@@ -365,8 +365,7 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
             f"mask must be a bool tensor shaped like values {tuple(values.shape)}, "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return total.sum() / mask.sum().clamp(min=1)
+    return values.masked_fill(~mask, 0).sum() / mask.sum().clamp(min=1)
 
 
 def cmcl_distances(branch_mean: Tensor, cii_out: Tensor, squared: bool = False) -> Tensor:
