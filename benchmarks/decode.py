@@ -1,9 +1,10 @@
-"""CPU decode cost of one server query: 6 JPEG frames at 288x144, decoded and preprocessed.
+"""CPU decode cost of one server query (6 JPEG frames at 288x144), and of one indexed tracklet.
 
 Usage::
 
     python benchmarks/decode.py                # JSON: per-query milliseconds, median of runs
     python benchmarks/decode.py --frames 6 --size 288x144 --iters 300
+    python benchmarks/decode.py --prepare      # also the indexer's per-tracklet CPU cost
 
 Reports, on one thread (a request's own worker thread), the median time per query of:
 ``pil`` (PIL decode to RGB), ``simplejpeg`` (libjpeg-turbo via simplejpeg, when installed),
@@ -11,6 +12,14 @@ Reports, on one thread (a request's own worker thread), the median time per quer
 and ``clips`` (``FramePreprocessor.clips``: decode + bilinear resize + normalisation, the whole
 CPU part of a query). The frames are synthetic camera-like crops (gradients plus noise, 4:2:0
 JPEG at quality 90), so the figure is reproducible anywhere. Target (issue 13): <= 3 ms.
+
+``--prepare`` adds what one decode thread of ``vvireid-index`` spends per tracklet (12 frames,
+6 sampled, VLD T=6), with and without its thumbnail, on each data path: ``float`` (the former
+path: normalised float32 clips made in the thread), ``pixels`` (``decode="cpu"``: uint8 clips,
+normalised later on the device) and ``device_read`` (``decode="device"``: the thread only checks
+and keeps the JPEG bytes). Each is also timed on 32x16 frames at a 32x16 model size, where the
+pixel work vanishes: what is left is interpreter time and per-call overhead, which hold the GIL,
+so ``1000 / *_python_ms`` bounds the tracklets/s of any number of decode threads.
 """
 
 from __future__ import annotations
@@ -80,6 +89,51 @@ def measure(frames: int, height: int, width: int, iters: int) -> dict[str, Any]:
     return result
 
 
+def measure_prepare(height: int, width: int, iters: int) -> dict[str, Any]:
+    """Single-thread milliseconds per tracklet of each data path's worker-side work."""
+    result: dict[str, Any] = {"frames_per_tracklet": 12, "seq_len": 6,
+                              "size": f"{height}x{width}", "iters": iters}
+    result.update(_prepare_costs(height, width, iters, ""))
+    result.update(_prepare_costs(32, 16, iters, "_python"))
+    result["pixels_vs_float"] = round(result["pixels_ms"] / result["float_ms"], 3)
+    result["pixels_vs_float_with_thumbnail"] = round(
+        result["pixels_with_thumbnail_ms"] / result["float_with_thumbnail_ms"], 3)
+    return result
+
+
+def _prepare_costs(height: int, width: int, iters: int, label: str) -> dict[str, float]:
+    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.model.backbone import TINY_MODEL, register_tiny_configs
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.factory import create_model
+    from vvireid.model.types import Modality, Tracklet
+
+    register_tiny_configs()
+    model = create_model(ModelConfig("vld", 10, backbone=TINY_MODEL, image_size=(height, width),
+                                     seq_len=6))
+    encoder = TrackletEncoder(model, device="cpu", decode="device")
+    frames = synthetic_frames(12, height, width)
+    tracklet = Tracklet("t", tuple(frames), Modality.VISIBLE, 0)
+    paths = {
+        "float": (encoder.prepare, encoder.prepare_with_thumbnail),
+        "pixels": (encoder.prepare_pixels, encoder.prepare_pixels_with_thumbnail),
+    }
+    out = {}
+    for name, (plain, with_thumbnail) in paths.items():
+        out[f"{name}{label}_ms"] = median_ms(lambda f=plain: f(frames), iters)
+        out[f"{name}_with_thumbnail{label}_ms"] = median_ms(
+            lambda f=with_thumbnail: f(frames), iters)
+    out[f"device_read{label}_ms"] = median_ms(
+        lambda: encoder._read_for_device(tracklet, True), iters)
+    if label:  # the device stage's own thread: its Python per tracklet (64 in a chunk)
+        chunk = 64
+        out[f"device_stage{label}_ms"] = round(median_ms(
+            lambda: encoder._stage_items(
+                [encoder._read_for_device(tracklet, True) for _ in range(chunk)]),
+            max(3, iters // 20)) / chunk, 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="288x144", help="frame HEIGHTxWIDTH")
     parser.add_argument("--iters", type=int, default=200, help="timed queries per figure")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--prepare", action="store_true",
+                        help="also time the indexer's per-tracklet CPU work on each data path")
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     torch.set_num_threads(args.threads)
-    print(json.dumps(measure(args.frames, height, width, args.iters), indent=2))
+    report = measure(args.frames, height, width, args.iters)
+    if args.prepare:
+        report["prepare"] = measure_prepare(height, width, args.iters)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -16,10 +16,17 @@ Sections (each in its own time box; one that fails or lacks a dependency is repo
 - ``train``: ``benchmarks/train_step.py`` (VLD and X-ReID recipes, bf16) in a subprocess.
 - ``decode``: milliseconds to decode a 6-frame 288x144 JPEG query on one CPU thread with PIL,
   simplejpeg and torchvision (whichever are installed), and batched ``decode_jpeg`` on the GPU;
-  plus ``benchmarks/decode.py``'s figures (``load_image`` and the whole CPU preprocessing).
+  the indexer's device path (``decode_jpegs`` + ``resize_pixels``: frames/s, and its pixels'
+  mean/max difference to the CPU path on frames that need resizing); plus
+  ``benchmarks/decode.py``'s figures (``load_image``, the whole CPU preprocessing, and the
+  indexer's single-thread CPU cost per tracklet on each data path, ``prepare``).
 - ``index``: indexing throughput end to end: :class:`~vvireid.indexer.encode.TrackletEncoder`
   (its defaults: bf16 weights, compiled batch buckets on CUDA, one decode thread per core) over
-  in-memory synthetic JPEG tracklets (12 frames each, VLD T=6), thumbnails on and off.
+  in-memory synthetic JPEG tracklets (12 frames each, VLD T=6), thumbnails on and off, for each
+  data path: ``decode=cpu`` (threads decode to uint8, the GPU normalises), ``decode=device``
+  (nvJPEG decode and resize on the GPU) and ``float`` (the former path: float32 clips made in
+  the threads, joined and copied by the model's thread); plus the minimum cosine between the
+  ``device`` and ``cpu`` vectors of the same tracklets.
 - ``server``: ``benchmarks/load.py`` (32 clients, a 100k gallery) when fastapi and faiss import.
 
 Time boxes: the whole run has ``--budget-s`` (default 450 s). A compiled mode starts only while
@@ -175,9 +182,10 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> dict[str, An
         result["simplejpeg_ms"] = round(1000 * iters / _rate(sj, iters, iters,
                                                               torch.device("cpu")), 3)
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from decode import measure  # benchmarks/decode.py: the repo's own decode path
+    from decode import measure, measure_prepare  # benchmarks/decode.py: the repo's own path
 
     result["query"] = measure(6, 288, 144, iters)
+    result["prepare"] = measure_prepare(288, 144, 5 if args.smoke else 100)
     if importlib.util.find_spec("torchvision"):
         from torchvision.io import decode_jpeg
 
@@ -189,6 +197,46 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> dict[str, An
             batch = tensors * 32  # 32 queries of 6 frames in one call
             rate = _rate(lambda: decode_jpeg(batch, device=device), len(batch), iters, device)
             result["torchvision_gpu_frames_per_s"] = round(rate, 1)
+        result["device_path"] = _device_path(args, device)
+    return result
+
+
+def _device_path(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The indexer's device decode (decode_jpegs + resize_pixels) on frames that need resizing
+    (320x160 -> 288x144): frames/s, and the pixels' difference to the CPU path's."""
+    import numpy as np
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.preprocess import (
+        FramePreprocessor,
+        decode_jpegs,
+        load_pixels,
+        resize_pixels,
+    )
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode import synthetic_frames
+
+    size = (288, 144)
+    frames = synthetic_frames(6, 320, 160)
+    batch = frames * (2 if args.smoke else 64)
+    iters = 1 if args.smoke else 10
+
+    def run() -> torch.Tensor:
+        return resize_pixels(decode_jpegs(batch, device), size)
+
+    result: dict[str, Any] = {"source": "320x160", "size": list(size), "batch_frames": len(batch),
+                              "frames_per_s": round(_rate(run, len(batch), iters, device), 1)}
+    preprocessor = FramePreprocessor(ModelConfig("vld", 5, image_size=size).preprocess)
+    expected = np.stack([preprocessor.frame_pixels(load_pixels(f)).transpose(2, 0, 1)
+                         for f in frames]).astype(np.int16)
+    got = resize_pixels(decode_jpegs(frames, device), size).cpu().numpy().astype(np.int16)
+    diff = np.abs(got - expected)
+    result["vs_cpu_path_mean_abs"] = round(float(diff.mean()), 4)
+    result["vs_cpu_path_max_abs"] = int(diff.max())
+    same = synthetic_frames(6, *size)  # no resize: the decoders alone
+    got = resize_pixels(decode_jpegs(same, device), size).cpu().numpy().astype(np.int16)
+    expected = np.stack([load_pixels(f).transpose(2, 0, 1) for f in same]).astype(np.int16)
+    result["decode_only_vs_cpu_max_abs"] = int(np.abs(got - expected).max())
     return result
 
 
@@ -196,7 +244,7 @@ def bench_index(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     """Tracklets/s of ``TrackletEncoder.encode_tracklets`` over synthetic in-memory JPEGs."""
     import os
 
-    from vvireid.indexer.encode import TrackletEncoder
+    from vvireid.indexer.encode import TrackletEncoder, resolve_decode
     from vvireid.model.backbone import register_tiny_configs
     from vvireid.model.config import ModelConfig
     from vvireid.model.factory import create_model
@@ -229,18 +277,50 @@ def bench_index(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "tracklets": count, "frames_per_tracklet": 12, "seq_len": 6, "size": list(size),
         "decode_threads": workers, "dtype": str(encoder.dtype).replace("torch.", ""),
         "compiled": encoder.runner.compiled, "buckets": list(encoder.runner.buckets),
-        "warmup_s": round(encoder.warm_up(), 1),
+        "auto_decode": encoder.decode, "warmup_s": round(encoder.warm_up(), 1),
     }
-    for thumbnails in (True, False):
-        started = time.perf_counter()
-        done = sum(len(chunk.tracklets) for chunk in
-                   encoder.encode_tracklets(tracklets, thumbnails=thumbnails))
-        _sync(device)
-        key = "with_thumbnails" if thumbnails else "without_thumbnails"
-        result[f"{key}_per_s"] = round(done / (time.perf_counter() - started), 1)
+    vectors: dict[str, Any] = {}
+    for path in ("cpu", "device", "float"):
+        try:
+            _index_path(encoder, path, resolve_decode)
+        except ValueError as exc:  # decode=device without torchvision's decoder
+            result[f"{path}_skipped"] = str(exc)
+            continue
+        list(encoder.encode_tracklets(tracklets[: 2 * encoder.batch_size * 4]))  # warm: pools, nvJPEG
+        for thumbnails in (True, False):
+            started = time.perf_counter()
+            chunks = list(encoder.encode_tracklets(tracklets, thumbnails=thumbnails))
+            _sync(device)
+            rate = sum(len(c.tracklets) for c in chunks) / (time.perf_counter() - started)
+            key = "with_thumbnails" if thumbnails else "without_thumbnails"
+            result[f"{path}_{key}_per_s"] = round(rate, 1)
+            vectors[path] = torch.cat([torch.from_numpy(c.vectors) for c in chunks])
+    if "device" in vectors and "cpu" in vectors:
+        result["device_vs_cpu_cosine_min"] = _cosine(vectors["device"], vectors["cpu"])
+    if "float" in vectors and "cpu" in vectors:
+        result["float_vs_cpu_cosine_min"] = _cosine(vectors["float"], vectors["cpu"])
     encoder.close()
     result["target_per_s"] = 1500
     return result
+
+
+def _index_path(encoder: Any, path: str, resolve_decode: Callable[..., str]) -> None:
+    """Point ``encoder`` at one data path; ``float`` restores the former one (threads make
+    normalised float32 clips; the model's thread joins them and copies them per bucket)."""
+    for name in ("_prepare_on_cpu", "_stage_items"):
+        encoder.__dict__.pop(name, None)
+    if path != "float":
+        encoder.decode = resolve_decode(path, encoder.device)
+        return
+    encoder.decode = "cpu"
+
+    def prepare_float(frames: Any, thumbnails: bool) -> Any:
+        if thumbnails:
+            return encoder.prepare_with_thumbnail(frames)
+        return encoder.prepare(frames), None
+
+    encoder._prepare_on_cpu = prepare_float
+    encoder._stage_items = lambda loaded, pool=None: loaded
 
 
 def bench_profile(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -14,7 +14,6 @@ decode and the resize run batched on the device itself (``decode="device"``, nvJ
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -238,7 +237,7 @@ class TrackletEncoder:
         self.similarity: str = model.similarity
         self.dim: int = int(model.embed_dim)
         self.fingerprint: str | None = model.fingerprint
-        self._stream: Any = None  # the device decoder's CUDA stream, made on first use
+        self._stream: Any = None  # the staging thread's CUDA stream, made on first use
 
     # ---- one request at a time (server) -------------------------------------------------------
 
@@ -372,18 +371,17 @@ class TrackletEncoder:
         model error on its own clips) becomes an :class:`EncodeFailure` naming the file and the
         reason; the others are encoded. ``start`` offsets the reported chunk positions.
 
-        With ``decode="device"`` a third stage sits between the workers and the model: one
-        thread decodes the next chunk's JPEGs on the device (its own CUDA stream) while this
-        thread runs the model on the current chunk.
+        A staging thread sits between the workers and the model: while this thread runs the
+        model on one chunk, it puts the next chunk on the device (its own CUDA stream): with
+        ``decode="cpu"`` one copy of the workers' uint8 clips (joined in pinned memory on CUDA),
+        with ``decode="device"`` the batched JPEG decode and resize. The model's thread then
+        finds its input on the device and does no host copies of its own.
         """
         tracklets = list(tracklets)
         chunk_size = chunk_size or self.batch_size * 4
         slices = [tracklets[i : i + chunk_size] for i in range(0, len(tracklets), chunk_size)]
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="vvireid-decode")
-        stage = (
-            ThreadPoolExecutor(1, thread_name_prefix="vvireid-device-decode")
-            if self.decode == "device" else None
-        )
+        stage = ThreadPoolExecutor(1, thread_name_prefix="vvireid-stage")
         pending: _Loading | None = None
         try:
             pending = self._submit(pool, stage, slices[0], thumbnails) if slices else None
@@ -398,18 +396,15 @@ class TrackletEncoder:
         finally:
             if pending is not None:
                 pending.cancel()
-            if stage is not None:
-                stage.shutdown(wait=True)
+            stage.shutdown(wait=True)
             pool.shutdown(wait=True)
 
     def _submit(
-        self, pool: ThreadPoolExecutor, stage: ThreadPoolExecutor | None, chunk: list[Tracklet],
+        self, pool: ThreadPoolExecutor, stage: ThreadPoolExecutor, chunk: list[Tracklet],
         thumbnails: bool,
     ) -> _Loading:
-        loading = _Loading([pool.submit(self._load, t, thumbnails) for t in chunk])
-        if stage is not None:
-            loading.decoded = stage.submit(self._decode_on_device, loading.items)
-        return loading
+        items = [pool.submit(self._load, t, thumbnails) for t in chunk]
+        return _Loading(items, stage.submit(self._stage, items, pool))
 
     def _load(self, tracklet: Tracklet, thumbnails: bool) -> _Prepared | _Undecoded | EncodeFailure:
         """Check and read one tracklet (runs in a worker thread); decode it unless the device
@@ -466,29 +461,49 @@ class TrackletEncoder:
             item.thumbnail = make_thumbnail(Image.fromarray(decoded))
         item.pixels[i] = self.preprocessor.frame_pixels(decoded)
 
-    def _decode_on_device(
-        self, futures: list[Future[Any]]
+    def _stage(
+        self, futures: list[Future[Any]], pool: ThreadPoolExecutor | None = None
     ) -> list[_Prepared | EncodeFailure]:
-        """The device stage of one chunk: batched JPEG decode, resize, clips and thumbnails.
+        """Put one chunk's clips on the device (see :meth:`encode_tracklets`).
 
-        Runs in its own thread and, on CUDA, its own stream, which it synchronises before
-        handing the clips over, so the model's stream reads finished pixels.
+        Runs in the staging thread and, on CUDA, on its own stream, which it synchronises
+        before handing the clips over, so the model's stream reads finished pixels.
         """
         loaded = [f.result() for f in futures]
-        if self.device.type == "cuda":
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
-            context: Any = torch.cuda.stream(self._stream)
-        else:
-            context = contextlib.nullcontext()
-        with context:
-            done = self._decode_items(loaded)
-        if self._stream is not None:
-            self._stream.synchronize()
+        if self.device.type != "cuda":
+            return self._stage_items(loaded, pool)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            done = self._stage_items(loaded, pool)
+        self._stream.synchronize()
         return done
 
+    def _stage_items(
+        self, loaded: list[_Prepared | _Undecoded | EncodeFailure],
+        pool: ThreadPoolExecutor | None = None,
+    ) -> list[_Prepared | EncodeFailure]:
+        """The staging thread's work on one chunk; ``pool`` (the decode threads, idle while
+        the device decodes) encodes the thumbnails' JPEGs, inline without one."""
+        if self.decode == "device":
+            return self._decode_items(loaded, pool)
+        ready = [x for x in loaded if isinstance(x, _Prepared)]
+        if ready:
+            # One host copy into (pinned) memory and one transfer, not one per bucket later;
+            # joined by numpy, as torch's cat would wake its intra-op threads beside the busy
+            # decode threads.
+            sets = [p.clips for p in ready]
+            joined = torch.empty((sum(len(c) for c in sets), *sets[0].shape[1:]),
+                                 dtype=sets[0].dtype, pin_memory=self.device.type == "cuda")
+            np.concatenate([c.numpy() for c in sets], out=joined.numpy())
+            on_device = joined.to(self.device, non_blocking=True)
+            for item, clips in zip(ready, on_device.split([len(c) for c in sets]), strict=True):
+                item.clips = clips
+        return [x for x in loaded if not isinstance(x, _Undecoded)]
+
     def _decode_items(
-        self, loaded: list[_Prepared | _Undecoded | EncodeFailure]
+        self, loaded: list[_Prepared | _Undecoded | EncodeFailure],
+        pool: ThreadPoolExecutor | None,
     ) -> list[_Prepared | EncodeFailure]:
         jobs = [(k, i, data, where) for k, item in enumerate(loaded)
                 if isinstance(item, _Undecoded) for i, (data, where) in item.jpegs.items()]
@@ -511,7 +526,7 @@ class TrackletEncoder:
             log.warning("%d of %d JPEG frames could not be decoded on %s; decoded on the CPU",
                         declined, len(jobs), self.device)
         table, rows = self._frame_table(loaded, on_device)
-        thumbs = self._device_thumbnails(loaded, on_device, failed)
+        thumbs = self._device_thumbnails(loaded, on_device, failed, pool)
         out: list[_Prepared | EncodeFailure] = []
         for k, item in enumerate(loaded):
             if not isinstance(item, _Undecoded):
@@ -522,7 +537,8 @@ class TrackletEncoder:
                 order = [rows[(k, i)] for clip in item.indices for i in clip]
                 clips = table[torch.tensor(order, device=table.device)]
                 clips = clips.view(len(item.indices), -1, *clips.shape[1:])
-                out.append(_Prepared(item.tracklet, clips, item.thumbnail or thumbs.get(k)))
+                thumb = thumbs[k].result() if k in thumbs else item.thumbnail
+                out.append(_Prepared(item.tracklet, clips, thumb))
         return out
 
     def _frame_table(
@@ -545,10 +561,11 @@ class TrackletEncoder:
 
     def _device_thumbnails(
         self, loaded: list[Any], on_device: dict[tuple[int, int], torch.Tensor],
-        failed: dict[int, EncodeFailure],
-    ) -> dict[int, bytes]:
+        failed: dict[int, EncodeFailure], pool: ThreadPoolExecutor | None,
+    ) -> dict[int, Future[bytes]]:
         """JPEG thumbnails of the middle frames decoded on the device, resized there (one
-        resize and one copy to the host per distinct frame size), encoded on the host."""
+        resize and one copy to the host per distinct frame size), encoded on the host by
+        ``pool`` while this thread lays out the clips."""
         groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
         for k, item in enumerate(loaded):
             if not isinstance(item, _Undecoded) or not item.wants_thumbnail or k in failed:
@@ -556,12 +573,12 @@ class TrackletEncoder:
             frame = on_device.get((k, thumbnail_frame(item.indices)))
             if frame is not None:
                 groups.setdefault(tuple(frame.shape), []).append((k, frame))
-        thumbs = {}
+        thumbs: dict[int, Future[bytes]] = {}
         for shape, members in groups.items():
             size = thumbnail_size(shape[1], shape[2])
             small = resize_pixels([frame for _, frame in members], size)
             for (k, _), pixels in zip(members, small.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
-                thumbs[k] = jpeg_thumbnail(pixels)
+                thumbs[k] = _run(pool, jpeg_thumbnail, pixels)
         return thumbs
 
     def _encode_loaded(
@@ -603,21 +620,26 @@ class TrackletEncoder:
         return kept, vectors, failures
 
 
+def _run(pool: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Future[Any]:
+    """``fn(*args)`` in ``pool``, or here and now (as a finished future) without one."""
+    if pool is not None:
+        return pool.submit(fn, *args)
+    done: Future[Any] = Future()
+    done.set_result(fn(*args))
+    return done
+
+
 @dataclass
 class _Loading:
-    """One chunk in flight: its workers' futures and, with ``decode="device"``, the device
-    stage's future, which waits for them."""
+    """One chunk in flight: its workers' futures and the staging thread's, which waits for them."""
 
     items: list[Future[Any]]
-    decoded: Future[Any] | None = None
+    staged: Future[Any]
 
     def result(self) -> list[_Prepared | EncodeFailure]:
-        if self.decoded is not None:
-            return self.decoded.result()
-        return [f.result() for f in self.items]
+        return self.staged.result()
 
     def cancel(self) -> None:
         for future in self.items:
             future.cancel()
-        if self.decoded is not None:
-            self.decoded.cancel()
+        self.staged.cancel()
