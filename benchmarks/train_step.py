@@ -14,10 +14,16 @@ identity count (500 = HITSZ-VCM's training ids; VLD's text prompts run once per 
 
 Data: a small synthetic HITSZ-VCM (288x144 JPEG frames) is written to a temporary folder, then
 ``--data-batches`` batches are drawn through the real sampler, ``TrainClipDataset`` (decode +
-frame sampling) and the recipe's augmentation in this process (one worker's cost).
-
-Both parts report tracklets per second; a training step needs ``2 * ids * tracklets_per_id``
-tracklets, so the data side needs about compute_rate / data_rate_per_worker workers.
+frame sampling) and the recipe's augmentation in this process (one worker's cost), once per
+place the augmentation can run (``data.augment_on``): ``worker`` (float clips built in the
+worker, as before the split) and ``device`` (the worker's CPU part: uint8 pixels and plans).
+Each reports the worker's build time (items + collate), the shared-memory hand-off of the
+collated batch to the main process (what a worker's queue does with it), and tracklets per
+second per worker with and without that hand-off. For ``device``, ``device_part_ms_per_batch``
+times ``transform.apply`` on ``--device`` for one collated batch (the trainer's cost per step).
+``--data-workers N`` also times a real DataLoader with N worker processes (after its first batch).
+``--data-profile`` prints the per-frame cost of each stage instead (decode, resize, crop/flip,
+normalise, erasing and channel ops, assembly and hand-off).
 """
 
 from __future__ import annotations
@@ -28,17 +34,27 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.multiprocessing  # noqa: F401 - registers the tensor reductions ForkingPickler uses
 from vvireid.indexer.sources import load_dataset
 from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
+from vvireid.model.preprocess import load_image
 from vvireid.model.types import Modality
 from vvireid.training.config import load_config
 from vvireid.training.data.samplers import CrossModalityIdentitySampler
 from vvireid.training.data.synth import synthesize
-from vvireid.training.data.transforms import build_train_transform
+from vvireid.training.data.transforms import (
+    AugmentPlan,
+    VLDTransform,
+    apply_plan,
+    build_train_transform,
+)
 from vvireid.training.data.video_dataset import TrainClipDataset
 from vvireid.training.objectives import TrainBatch, create_objective
 from vvireid.training.optim import create_optimizer, create_scheduler
@@ -135,7 +151,12 @@ def bench_compute(method: str, args: argparse.Namespace, device: torch.device) -
     return result
 
 
-def bench_data(method: str, args: argparse.Namespace, root: Path) -> dict:
+def _handoff(batch: Any) -> None:
+    """What a DataLoader worker's queue does with a collated batch: tensors into shared memory."""
+    ForkingPickler.dumps(batch)
+
+
+def _data_setup(method: str, args: argparse.Namespace, root: Path, augment_on: str):
     config = load_config(RECIPES[method], ["model.pretrained=null"])
     m, data = config.model, config.data
     splits = load_dataset("hitsz-vcm", root)
@@ -144,21 +165,151 @@ def bench_data(method: str, args: argparse.Namespace, root: Path) -> dict:
         splits, ids, data.tracklets_per_id, args.data_batches, seed=0)
     transform = build_train_transform(config.augment, tuple(m.image_size))
     dataset = TrainClipDataset(splits.train, transform, seq_len=m.seq_len,
-                               sampling=data.train_sampling, seed=0)
+                               sampling=data.train_sampling, seed=0, augment_on=augment_on)
+    return config, sampler, dataset
+
+
+def _loader_rate(dataset: TrainClipDataset, sampler: Any, workers: int) -> float | None:
+    """Tracklets/s per worker of a real DataLoader, timed from its first batch to its last."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    tracklets, start = 0, None
+    for items in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        tracklets += 2 * items["rgb"].shape[0]
+    if start is None or tracklets == 0:
+        return None
+    return tracklets / (time.perf_counter() - start) / workers
+
+
+def bench_data_mode(method: str, args: argparse.Namespace, root: Path, augment_on: str,
+                    device: torch.device) -> dict:
+    """One worker's cost for ``augment_on`` (module docstring), and the device part's per batch."""
+    config, sampler, dataset = _data_setup(method, args, root, augment_on)
     collate = torch.utils.data.default_collate
-    start = time.perf_counter()
+    build = handoff = 0.0
     tracklets = 0
+    batches = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch's default there)
+    dataset[next(iter(sampler))[0]]  # warm-up, untimed
     for keys in sampler:
-        batch = to_train_batch(collate([dataset[k] for k in keys]))
-        tracklets += batch.clips.shape[0]
-    seconds = time.perf_counter() - start
-    return {
-        "method": method, "augment": config.augment, "batches": args.data_batches,
-        "tracklets": tracklets, "frames": tracklets * m.seq_len,
-        "seconds_per_batch": round(seconds / args.data_batches, 4),
-        "tracklets_per_s_per_worker": round(tracklets / seconds, 2),
-        "ms_per_frame": round(1000 * seconds / (tracklets * m.seq_len), 3),
+        start = time.perf_counter()
+        items = collate([dataset[k] for k in keys])
+        middle = time.perf_counter()
+        _handoff(items)
+        build, handoff = build + middle - start, handoff + time.perf_counter() - middle
+        tracklets += 2 * items["rgb"].shape[0]
+        batches.append(items)
+    torch.set_num_threads(threads)
+    seq_len = config.model.seq_len
+    result = {
+        "method": method, "augment": config.augment, "augment_on": augment_on,
+        "batches": args.data_batches, "tracklets": tracklets, "frames": tracklets * seq_len,
+        "build_s_per_batch": round(build / args.data_batches, 4),
+        "handoff_s_per_batch": round(handoff / args.data_batches, 4),
+        "tracklets_per_s_per_worker": round(tracklets / build, 2),
+        "tracklets_per_s_per_worker_with_handoff": round(tracklets / (build + handoff), 2),
+        "ms_per_frame": round(1000 * build / (tracklets * seq_len), 3),
     }
+    if augment_on == "device":
+        result.update(_device_part_cost(dataset.transform, batches[0], device))
+    if args.data_workers:
+        rate = _loader_rate(dataset, sampler, args.data_workers)
+        result[f"dataloader_{args.data_workers}_workers_tracklets_per_s_per_worker"] = (
+            None if rate is None else round(rate, 2))
+    return result
+
+
+def _device_part_cost(transform: Any, items: dict, device: torch.device, reps: int = 5) -> dict:
+    """The trainer's per-step finishing cost: copy a collated uint8 batch, apply the plans."""
+    def finish() -> torch.Tensor:
+        return to_train_batch(items, device, transform).clips
+
+    clips = finish()  # warm-up (allocator, kernels)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        finish()
+    _sync(device)
+    with_copy = (time.perf_counter() - start) / reps
+    pixels = torch.cat([items["rgb"], items["ir"]]).to(device)
+    plan = AugmentPlan.cat([items["rgb_plan"], items["ir_plan"]]).to(device)
+    transform.apply(pixels, plan)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        transform.apply(pixels, plan)
+    _sync(device)
+    apply_only = (time.perf_counter() - start) / reps
+    return {"device_part_device": str(device), "device_part_batch": list(clips.shape),
+            "device_part_ms_per_batch": round(1000 * apply_only, 3),
+            "copy_and_device_part_ms_per_batch": round(1000 * with_copy, 3)}
+
+
+def bench_data(method: str, args: argparse.Namespace, root: Path, device: torch.device) -> list:
+    """Both places the augmentation can run, device first; ``ratio`` compares their workers."""
+    new = bench_data_mode(method, args, root, "device", device)
+    old = bench_data_mode(method, args, root, "worker", device)
+    for key in ("tracklets_per_s_per_worker", "tracklets_per_s_per_worker_with_handoff"):
+        new[f"{key}_ratio_device_over_worker"] = round(new[key] / old[key], 2)
+    return [new, old]
+
+
+def _per_frame_ms(action: Callable[[], Any], frames: int, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return round(1000 * best / frames, 4)
+
+
+def profile_data(method: str, root: Path) -> dict:
+    """Per-frame cost (ms) of each stage of a recipe's augmentation, both placements."""
+    config = load_config(RECIPES[method], ["model.pretrained=null"])
+    m = config.model
+    transform = build_train_transform(config.augment, tuple(m.image_size))
+    splits = load_dataset("hitsz-vcm", root)
+    seq_len = m.seq_len
+    clips = [t.frames[:seq_len] for t in splits.train if len(t) >= seq_len][:16]
+    paths = [p for clip in clips for p in clip]
+    frames = len(paths)
+    data = [Path(p).read_bytes() for p in paths]
+    images = [load_image(d) for d in data]
+    resized = [transform._resize(i) for i in images]
+    rng = np.random.default_rng(0)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    modalities = [Modality.VISIBLE if i % 2 else Modality.INFRARED for i in range(len(clips))]
+    out = {"method": method, "augment": config.augment, "frames": frames,
+           "decode_ms": _per_frame_ms(lambda: [load_image(d) for d in data], frames),
+           "resize_ms": _per_frame_ms(lambda: [transform._resize(i) for i in images], frames)}
+    if isinstance(transform, VLDTransform):
+        canvas = np.zeros((frames, *m.image_size, 3), dtype=np.uint8)
+        out["pad_crop_flip_uint8_ms"] = _per_frame_ms(
+            lambda: [transform._crop_flip(a, rng, canvas[i]) for i, a in enumerate(resized)], frames)
+    else:
+        out["flip_copy_uint8_ms"] = _per_frame_ms(
+            lambda: [np.ascontiguousarray(a[:, ::-1]) for a in resized], frames)
+    groups = [images[i * seq_len:(i + 1) * seq_len] for i in range(len(clips))]
+    cpu_parts = [transform.plan(g, mod, rng) for g, mod in zip(groups, modalities, strict=True)]
+    out["cpu_part_total_ms"] = _per_frame_ms(
+        lambda: [transform.plan(g, mod, rng) for g, mod in zip(groups, modalities, strict=True)],
+        frames)
+    pixels = torch.stack([p for p, _ in cpu_parts])
+    plan = AugmentPlan(*(torch.stack(x) for x in zip(*(q for _, q in cpu_parts), strict=True)))
+    empty = AugmentPlan.empty(pixels.shape[0] * seq_len)
+    empty = AugmentPlan(*(t.view(pixels.shape[0], seq_len, *t.shape[1:]) for t in empty))
+    out["normalise_ms_cpu"] = _per_frame_ms(lambda: apply_plan(pixels, empty), frames)
+    out["normalise_erase_channel_ops_ms_cpu"] = _per_frame_ms(
+        lambda: transform.apply(pixels, plan), frames)
+    floats = transform.apply(pixels, plan)
+    out["assemble_float_ms"] = _per_frame_ms(lambda: torch.stack(list(floats)), frames)
+    out["assemble_uint8_ms"] = _per_frame_ms(lambda: torch.stack(list(pixels)), frames)
+    out["handoff_float_ms"] = _per_frame_ms(lambda: _handoff(floats.clone()), frames)
+    out["handoff_uint8_ms"] = _per_frame_ms(lambda: _handoff(pixels.clone()), frames)
+    return out
 
 
 def main() -> None:
@@ -172,6 +323,10 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=500, help="identities of the classifier")
     parser.add_argument("--num-cameras", type=int, default=12)
     parser.add_argument("--data-batches", type=int, default=4, help="0 skips the data timing")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="also time a real DataLoader with this many worker processes")
+    parser.add_argument("--data-profile", action="store_true",
+                        help="print the per-frame cost of each data stage and exit")
     parser.add_argument("--skip-compute", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -185,7 +340,10 @@ def main() -> None:
             root = Path(tmp) / "vcm"
             synthesize(root, "hitsz-vcm", ids=8, cameras=2, seed=0, frames=(24, 24),
                        image_size=(288, 144))
-            out["data"] = [bench_data(m, args, root) for m in methods]
+            if args.data_profile:
+                print(json.dumps([profile_data(m, root) for m in methods], indent=2))
+                return
+            out["data"] = [r for m in methods for r in bench_data(m, args, root, device)]
     if not args.skip_compute:
         out["compute"] = [bench_compute(m, args, device) for m in methods]
     print(json.dumps(out, indent=2))

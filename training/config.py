@@ -66,7 +66,10 @@ class DataSection:
     dataset's official test rule. ``pair_flip`` adds VLD's BUPTCampus tracklet-level flip shared by
     an aligned pair. ``on_bad_frame``: ``fail`` stops on an unreadable frame, ``skip`` substitutes a
     neighbour. ``options`` are the dataset reader's own options, the one place to set them (e.g.
-    ``min_seq_len`` for HITSZ-VCM, ``drop_last_rgb_batch`` for BUPTCampus).
+    ``min_seq_len`` for HITSZ-VCM, ``drop_last_rgb_batch`` for BUPTCampus). ``augment_on``: where
+    normalisation, erasing and the channel ops run: ``device`` (the workers send uint8 frames and
+    a plan of the random decisions, the trainer finishes the batch on its device) or ``worker``
+    (float clips from the workers); the tensors are the same either way.
     """
 
     format: str = "hitsz-vcm"
@@ -78,6 +81,7 @@ class DataSection:
     num_workers: int = 4
     on_bad_frame: str = "fail"
     pair_flip: bool = False
+    augment_on: str = "device"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -368,12 +372,14 @@ def validate(config: TrainConfig) -> None:
     """Value checks that types cannot express (choices, ranges, schedule consistency)."""
     from vvireid.model.sampling import TEST_RULES, TRAIN_RULES
     from vvireid.training.data.samplers import SAMPLERS
+    from vvireid.training.data.video_dataset import AUGMENT_ON
 
     optim, sched, data = config.optim, config.optim.schedule, config.data
     _choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
     _choice("optim.schedule.name", sched.name, SCHEDULES)
     _choice("precision", config.precision, PRECISIONS)
     _choice("data.on_bad_frame", data.on_bad_frame, ON_BAD_FRAME)
+    _choice("data.augment_on", data.augment_on, AUGMENT_ON)
     _choice("data.train_sampling", data.train_sampling, TRAIN_RULES)
     _choice("data.sampler", data.sampler, SAMPLERS)
     if data.test_sampling is not None:

@@ -58,7 +58,7 @@ from vvireid.training.data.samplers import (
     CrossModalityIdentitySampler,
     build_sampler,
 )
-from vvireid.training.data.transforms import build_train_transform
+from vvireid.training.data.transforms import AugmentPlan, build_train_transform
 from vvireid.training.data.video_dataset import FrameLoader, TrainClipDataset
 from vvireid.training.distributed import (
     DistInfo,
@@ -260,18 +260,40 @@ def git_sha() -> str | None:
 # batches
 
 
-def to_train_batch(items: dict[str, Any]) -> TrainBatch:
-    """Collated ``TrainClipDataset`` items -> ``TrainBatch`` (visible clips, then infrared)."""
+def to_train_batch(
+    items: dict[str, Any],
+    device: torch.device | str | None = None,
+    transform: Any = None,
+) -> TrainBatch:
+    """Collated ``TrainClipDataset`` items -> ``TrainBatch`` (visible clips, then infrared).
+
+    With ``device``, each part is copied there before the two modalities are joined (a join on
+    the host would lose the DataLoader's pinned memory, and with it the asynchronous copy).
+    Items from ``augment_on="device"`` (uint8 pixels and ``rgb_plan``/``ir_plan``) are finished
+    by ``transform.apply`` on that device, in one call for the whole batch.
+
+    Raises:
+        ValueError: for uint8 items without the transform that finishes them.
+    """
     rgb, ir = items["rgb"], items["ir"]
     pids = torch.as_tensor(items["pid"], dtype=torch.int64)
     half = rgb.shape[0]
-    return TrainBatch(
-        clips=torch.cat([rgb, ir]),
-        pids=torch.cat([pids, pids]),
-        camids=torch.cat([torch.as_tensor(items["rgb_camid"]), torch.as_tensor(items["ir_camid"])]).long(),
-        modalities=torch.cat([torch.full((half,), int(Modality.VISIBLE)),
-                              torch.full((half,), int(Modality.INFRARED))]).long(),
-    )
+    camids = torch.cat([torch.as_tensor(items["rgb_camid"]),
+                        torch.as_tensor(items["ir_camid"])]).long()
+    modalities = torch.cat([torch.full((half,), int(Modality.VISIBLE)),
+                            torch.full((half,), int(Modality.INFRARED))]).long()
+    if device is not None:
+        rgb, ir = rgb.to(device, non_blocking=True), ir.to(device, non_blocking=True)
+    clips = torch.cat([rgb, ir])
+    if "rgb_plan" in items:
+        if transform is None:
+            raise ValueError("the batch holds uint8 pixels and augmentation plans "
+                             "(data.augment_on=device); pass the transform that applies them")
+        plan = AugmentPlan.cat([items["rgb_plan"], items["ir_plan"]])
+        clips = transform.apply(clips, plan.to(clips.device))
+    batch = TrainBatch(clips=clips, pids=torch.cat([pids, pids]), camids=camids,
+                       modalities=modalities)
+    return batch if device is None else batch.to(device)
 
 
 class EpochPassDataset(Dataset):
@@ -339,11 +361,17 @@ def load_resume_state(path: Path) -> dict[str, Any]:
     return state
 
 
+# Keys that change where work runs but no value a run computes: a resumed run may differ in them
+# (and a run saved before the key existed lacks it).
+RESUME_NEUTRAL_KEYS = ("data.augment_on",)
+
+
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            if f"{prefix}{key}" not in RESUME_NEUTRAL_KEYS:
+                out += _config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [f"{prefix[:-1]} (run: {a!r}, now: {b!r})"]
 
@@ -473,7 +501,7 @@ class Trainer:
         self.train_set = TrainClipDataset(
             splits.train, transform, seq_len=m.seq_len, sampling=cfg.data.train_sampling,
             aligned_pairs=self.sampler.aligned_frames, seed=cfg.seed,
-            on_bad_frame=cfg.data.on_bad_frame,
+            on_bad_frame=cfg.data.on_bad_frame, augment_on=cfg.data.augment_on,
         )
         workers = cfg.data.num_workers
         self.loader = DataLoader(
@@ -718,7 +746,8 @@ class Trainer:
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         lr = self.optimizer.param_groups[0]["lr"]
         for iteration, items in enumerate(bar):
-            step = self.train_step(to_train_batch(items), epoch, iteration)
+            batch = to_train_batch(items, self.device, self.train_set.transform)
+            step = self.train_step(batch, epoch, iteration)
             names, step_values = step.names, step.values
             self.global_step += 1
             steps += 1

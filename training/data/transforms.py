@@ -1,13 +1,27 @@
 """Train-time augmentation of tracklets, per method, as the official code does it.
 
-A transform maps the decoded PIL frames of one sampled clip to a normalised tensor::
+Each transform is split in two so that the DataLoader workers only do what is cheap on uint8:
 
-    transform(frames: list[PIL.Image], modality, rng) -> Tensor [T, 3, H, W]
+* the **CPU part** ``transform.plan(frames, modality, rng) -> (pixels, plan)`` decodes nothing
+  itself (it takes PIL frames), resizes, and does the geometry on uint8 (pad + random crop,
+  flips), returning ``pixels`` uint8 [T, H, W, 3]; every other random decision (erasing boxes
+  and their fill values, ChannelExchange / ChannelAdapGray choices) goes into an
+  :class:`AugmentPlan` of small tensors, drawn from ``rng`` in the same order as the official
+  per-frame chain;
+* the **device part** :func:`apply_plan` (``transform.apply(pixels, plan)``) turns a whole batch
+  [..., T, H, W, 3] into normalised float clips [..., T, 3, H, W] and applies the plan, without a
+  loop over frames, on whatever device the pixels are on (the trainer calls it on the GPU right
+  after the copy; a worker or a test calls it on the CPU).
 
-and ``transform.pair(rgb_frames, ir_frames, rng)`` handles one (visible, infrared) training item,
-applying a tracklet-level flip shared by both when configured (BUPTCampus aligned pairs). Every
-random decision is drawn from the given ``numpy.random.Generator``, so a seeded generator gives
-the same tensors (official chains: docs/fidelity.md V19, X20, X21).
+``transform(frames, modality, rng)`` is both parts on the CPU: float [T, 3, H, W]. The split
+changes no value: erasing with a constant written in normalised space and the channel ops act
+after normalisation in the official chain, and X-ReID's uint8 erasing colour normalises to the
+same float as the pixel it replaces would (``tests/training/test_augment_plan.py`` pins the result
+against the pre-split implementation). ``transform.pair(rgb_frames, ir_frames, rng)`` /
+``plan_pair`` handle one (visible, infrared) training item, applying a tracklet-level flip shared
+by both when configured (BUPTCampus aligned pairs). Every random decision is drawn from the given
+``numpy.random.Generator``, so a seeded generator gives the same tensors (docs/fidelity.md V19,
+X20, X21).
 
 * ``vld``: per frame resize, zero pad 10, random crop back, flip p=0.5, normalise (ImageNet),
   random erasing (p=0.5, area 0.02-0.4, aspect 0.3-3.33, constant fill (0.4914, 0.4822, 0.4465)
@@ -23,9 +37,11 @@ the same tensors (official chains: docs/fidelity.md V19, X20, X21).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +51,10 @@ from vvireid.model.types import Modality
 
 VLD_ERASE_FILL = (0.4914, 0.4822, 0.4465)
 LUMA = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
+LUMA_WEIGHTS = tuple(float(v) for v in LUMA)  # as python floats (the float32 values)
+
+# AugmentPlan.channels codes: keep the frame, copy channel 0/1/2 to all three, or luma.
+KEEP, COPY_R, COPY_G, COPY_B, TO_LUMA = -1, 0, 1, 2, 3
 
 
 def erase_box(
@@ -56,9 +76,110 @@ def erase_box(
     return None
 
 
+class AugmentPlan(NamedTuple):
+    """The random decisions a clip's device part applies, one row per frame.
+
+    A NamedTuple so that the DataLoader's collate and pin_memory batch it (leading dims [B]).
+    Shape: ``boxes`` int32 [..., T, 4] erasing (top, left, h, w), h = 0 for none; ``fills`` float32
+    [..., T, 3] the values written in the box (normalised space); ``channels`` int8 [..., T], a
+    ``KEEP``/``COPY_*``/``TO_LUMA`` code applied after erasing.
+    """
+
+    boxes: torch.Tensor
+    fills: torch.Tensor
+    channels: torch.Tensor
+
+    @classmethod
+    def empty(cls, frames: int) -> AugmentPlan:
+        """No erasing and no channel op for ``frames`` frames."""
+        return cls(torch.zeros(frames, 4, dtype=torch.int32), torch.zeros(frames, 3),
+                   torch.full((frames,), KEEP, dtype=torch.int8))
+
+    @classmethod
+    def cat(cls, plans: Sequence[AugmentPlan]) -> AugmentPlan:
+        """Plans of several batches joined along dim 0 (visible then infrared clips)."""
+        return cls(*(torch.cat(parts) for parts in zip(*plans, strict=True)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> AugmentPlan:
+        return AugmentPlan(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [3, 1, 1] on ``device``, made once (a fresh host->GPU copy per batch
+    would wait for the GPU)."""
+    def column(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device)
+
+    return column(mean), column(std)
+
+
+def apply_plan(
+    pixels: torch.Tensor,
+    plan: AugmentPlan,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The device part: normalise uint8 frames, then erase and apply the channel ops of ``plan``.
+
+    Args:
+        pixels: uint8 [..., T, H, W, 3] (what the CPU part returns, batched or not), on the device
+            the work should run on.
+        plan: the matching :class:`AugmentPlan` ([..., T] rows), on the same device.
+        mean, std: per-channel normalisation.
+
+    Returns:
+        float32 [..., T, 3, H, W], contiguous, on ``pixels.device``.
+
+    Raises:
+        ValueError: for pixels that are not uint8 [..., H, W, 3] or a plan of another shape.
+    """
+    if pixels.dtype != torch.uint8 or pixels.dim() < 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"pixels: expected uint8 [..., T, H, W, 3], got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
+    frames = tuple(pixels.shape[:-3])
+    for name, tensor, tail in (("boxes", plan.boxes, (4,)), ("fills", plan.fills, (3,)),
+                               ("channels", plan.channels, ())):
+        if tuple(tensor.shape) != frames + tail:
+            raise ValueError(f"plan.{name}: shape {tuple(tensor.shape)} does not fit pixels "
+                             f"{tuple(pixels.shape)} (expected {frames + tail})")
+    height, width = pixels.shape[-3:-1]
+    count = math.prod(frames)
+    mean_t, std_t = _constants(pixels.device, tuple(mean), tuple(std))
+    # One buffer: the normalised channels of every frame (rows 0 .. 3n-1), then each frame's
+    # luma (rows 3n ..); the channel ops are then one row gather out of it.
+    pool = torch.empty(4 * count, height, width, device=pixels.device)
+    x = pool[: 3 * count].view(*frames, 3, height, width)
+    x.copy_(pixels.movedim(-1, -3))  # uint8 HWC -> float CHW in one pass
+    x.div_(255.0).sub_(mean_t).div_(std_t)
+
+    # Erasing: lerp with a 0/1 weight is exact (x + 0 * d = x; the weight 1 branch is end - d * 0).
+    top, left, h, w = plan.boxes.long().unbind(-1)
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+    in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # [..., T, H]
+    in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # [..., T, W]
+    box = (in_rows[..., :, None] & in_cols[..., None, :]).unsqueeze(-3).to(x.dtype)
+    x.lerp_(plan.fills.to(x.dtype)[..., :, None, None].expand_as(x), box)
+
+    # ChannelExchange / ChannelAdapGray: output channel c of frame f is row 3f + c (keep), row
+    # 3f + k for all three (copy channel k) or row 3n + f (luma): one row gather.
+    gray = pool[3 * count :].view(*frames, height, width)
+    torch.mul(x.select(-3, 0), LUMA_WEIGHTS[0], out=gray)
+    gray.add_(x.select(-3, 1), alpha=LUMA_WEIGHTS[1]).add_(x.select(-3, 2), alpha=LUMA_WEIGHTS[2])
+    code = plan.channels.long().reshape(count, 1)
+    frame = torch.arange(count, device=x.device)[:, None]
+    channel = torch.where(code == KEEP, torch.arange(3, device=x.device), code)
+    rows_out = torch.where(code == TO_LUMA, 3 * count + frame, 3 * frame + channel)
+    # advanced indexing, not index_select: the latter stalls for seconds with 2+ CPU threads
+    return pool[rows_out.flatten()].view(*frames, 3, height, width)
+
+
 @dataclass
 class _Base:
-    """Resize and normalisation shared by every method."""
+    """Resize and normalisation shared by every method; the two-part protocol (module docstring)."""
 
     image_size: tuple[int, int]
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -66,24 +187,73 @@ class _Base:
     pair_flip_p: float = 0.0
 
     def _resize(self, image: Image.Image) -> np.ndarray:
+        """uint8 [H, W, 3]; an RGB frame already at size is used as is (PIL would copy it)."""
         height, width = self.image_size
-        return np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        return np.asarray(image)
 
-    def _normalise(self, array: np.ndarray) -> np.ndarray:
+    def _normalised(self, colour: np.ndarray) -> np.ndarray:
+        """What normalisation makes of a uint8 RGB value: float32 [3] (same ops as apply_plan)."""
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
-        return ((array.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+        return (colour.astype(np.float32) / np.float32(255.0) - mean) / std
+
+    def _canvas(self, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Zeroed pixels [T, H, W, 3] and an empty plan (boxes, fills, channels) as numpy."""
+        height, width = self.image_size
+        return (np.zeros((frames, height, width, 3), dtype=np.uint8),
+                np.zeros((frames, 4), dtype=np.int32), np.zeros((frames, 3), dtype=np.float32),
+                np.full(frames, KEEP, dtype=np.int8))
+
+    def plan(
+        self, frames: Sequence[Image.Image], modality: Modality, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, AugmentPlan]:
+        """The CPU part: uint8 pixels [T, H, W, 3] and the clip's :class:`AugmentPlan`."""
+        frames = list(frames)
+        pixels, boxes, fills, channels = self._canvas(len(frames))
+        self._fill(frames, Modality.parse(modality), rng, pixels, boxes, fills, channels)
+        return torch.from_numpy(pixels), AugmentPlan(
+            torch.from_numpy(boxes), torch.from_numpy(fills), torch.from_numpy(channels))
+
+    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+              pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
+              channels: np.ndarray) -> None:
+        for t, frame in enumerate(frames):
+            pixels[t] = self._resize(frame)
+
+    def apply(self, pixels: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
+        """The device part with this transform's normalisation (:func:`apply_plan`)."""
+        return apply_plan(pixels, plan, self.mean, self.std)
 
     def __call__(
         self, frames: Sequence[Image.Image], modality: Modality, rng: np.random.Generator
     ) -> torch.Tensor:
-        clip = self._clip(list(frames), Modality.parse(modality), rng)
-        return torch.from_numpy(np.ascontiguousarray(np.stack(clip)))
+        """Both parts on the CPU: float [T, 3, H, W]."""
+        return self.apply(*self.plan(frames, modality, rng))
 
-    def _clip(
-        self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator
-    ) -> list[np.ndarray]:
-        return [self._normalise(self._resize(f)) for f in frames]
+    def _pair_frames(
+        self, rgb_frames: Sequence[Image.Image], ir_frames: Sequence[Image.Image],
+        rng: np.random.Generator,
+    ) -> tuple[list[Image.Image], list[Image.Image]]:
+        rgb_frames, ir_frames = list(rgb_frames), list(ir_frames)
+        if self.pair_flip_p > 0 and rng.random() < self.pair_flip_p:
+            rgb_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in rgb_frames]
+            ir_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in ir_frames]
+        return rgb_frames, ir_frames
+
+    def plan_pair(
+        self,
+        rgb_frames: Sequence[Image.Image],
+        ir_frames: Sequence[Image.Image],
+        rng: np.random.Generator,
+    ) -> tuple[tuple[torch.Tensor, AugmentPlan], tuple[torch.Tensor, AugmentPlan]]:
+        """CPU part of one (visible, infrared) item; a shared tracklet-level flip when configured."""
+        rgb_frames, ir_frames = self._pair_frames(rgb_frames, ir_frames, rng)
+        return (self.plan(rgb_frames, Modality.VISIBLE, rng),
+                self.plan(ir_frames, Modality.INFRARED, rng))
 
     def pair(
         self,
@@ -91,12 +261,9 @@ class _Base:
         ir_frames: Sequence[Image.Image],
         rng: np.random.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment one (visible, infrared) item; a shared tracklet-level flip when configured."""
-        rgb_frames, ir_frames = list(rgb_frames), list(ir_frames)
-        if self.pair_flip_p > 0 and rng.random() < self.pair_flip_p:
-            rgb_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in rgb_frames]
-            ir_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in ir_frames]
-        return self(rgb_frames, Modality.VISIBLE, rng), self(ir_frames, Modality.INFRARED, rng)
+        """Augment one (visible, infrared) item on the CPU (both parts): float clips."""
+        rgb, ir = self.plan_pair(rgb_frames, ir_frames, rng)
+        return self.apply(*rgb), self.apply(*ir)
 
 
 @dataclass
@@ -116,45 +283,43 @@ class VLDTransform(_Base):
     channel_exchange_p: float = 0.5
     adaptive_gray_p: float = 0.5
 
-    def _clip(
-        self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+              pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
+              channels: np.ndarray) -> None:
+        # Draw order per frame, as the official chain: crop, flip, erasing, channel op.
         exchange = modality == Modality.VISIBLE and rng.random() < self.channel_exchange_p
-        out = []
-        for frame in frames:
-            array = self._normalise(self._crop_flip(self._resize(frame), rng))
-            self._erase(array, rng)
+        height, width = self.image_size
+        for t, frame in enumerate(frames):
+            self._crop_flip(self._resize(frame), rng, pixels[t])
+            if rng.random() < self.erase_p:
+                box = erase_box(rng, height, width, self.erase_area)
+                if box is not None:
+                    boxes[t], fills[t] = box, self.erase_fill
             if exchange:
-                array[:] = array[int(rng.integers(3))]
+                channels[t] = int(rng.integers(3))
             elif modality == Modality.INFRARED:
-                self._adaptive_gray(array, rng)
-            out.append(array)
-        return out
+                channels[t] = self._adaptive_gray(rng)
 
-    def _crop_flip(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _crop_flip(self, array: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> None:
+        """Zero-pad by ``pad``, crop back at a random offset, maybe flip: written into the zeroed
+        ``out`` without building the padded image."""
         height, width = array.shape[:2]
-        padded = np.zeros((height + 2 * self.pad, width + 2 * self.pad, 3), dtype=array.dtype)
-        padded[self.pad : self.pad + height, self.pad : self.pad + width] = array
-        top, left = (int(v) for v in rng.integers(0, 2 * self.pad + 1, 2))
-        array = padded[top : top + height, left : left + width]
-        return array[:, ::-1] if rng.random() < self.flip_p else array
+        top, left = (int(v) - self.pad for v in rng.integers(0, 2 * self.pad + 1, 2))
+        flip = rng.random() < self.flip_p
+        rows_out = slice(max(0, -top), min(height, height - top))
+        rows_in = slice(max(0, top), min(height, height + top))
+        a, b = max(0, -left), min(width, width - left)  # columns of the unflipped crop
+        source = array[rows_in, max(0, left) : min(width, width + left)]
+        if flip:
+            out[rows_out, width - b : width - a] = source[:, ::-1]
+        else:
+            out[rows_out, a:b] = source
 
-    def _erase(self, array: np.ndarray, rng: np.random.Generator) -> None:
-        if rng.random() >= self.erase_p:
-            return
-        box = erase_box(rng, array.shape[1], array.shape[2], self.erase_area)
-        if box is not None:
-            top, left, h, w = box
-            array[:, top : top + h, left : left + w] = np.asarray(
-                self.erase_fill, dtype=np.float32
-            )[:, None, None]
-
-    def _adaptive_gray(self, array: np.ndarray, rng: np.random.Generator) -> None:
+    def _adaptive_gray(self, rng: np.random.Generator) -> int:
         choice = int(rng.integers(4))
         if choice < 3:
-            array[:] = array[choice]
-        elif rng.random() < self.adaptive_gray_p:
-            array[:] = np.tensordot(LUMA, array, axes=1)
+            return choice
+        return TO_LUMA if rng.random() < self.adaptive_gray_p else KEEP
 
 
 @dataclass
@@ -165,21 +330,19 @@ class XReIDTransform(_Base):
     erase_p: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.2)
 
-    def _clip(
-        self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+              pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
+              channels: np.ndarray) -> None:
         flip = rng.random() < self.flip_p
-        out = []
-        for frame in frames:
+        height, width = self.image_size
+        for t, frame in enumerate(frames):
             array = self._resize(frame)
-            array = array[:, ::-1].copy() if flip else array.copy()
+            pixels[t] = array[:, ::-1] if flip else array
             if rng.random() < self.erase_p:
-                box = erase_box(rng, array.shape[0], array.shape[1], self.erase_area)
+                box = erase_box(rng, height, width, self.erase_area)
                 if box is not None:
-                    top, left, h, w = box
-                    array[top : top + h, left : left + w] = rng.integers(0, 256, 3, dtype=np.uint8)
-            out.append(self._normalise(array))
-        return out
+                    colour = rng.integers(0, 256, 3, dtype=np.uint8)
+                    boxes[t], fills[t] = box, self._normalised(colour)
 
 
 TRANSFORMS = {"vld": VLDTransform, "xreid": XReIDTransform, "none": PlainTransform}

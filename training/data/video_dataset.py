@@ -2,7 +2,11 @@
 
 ``TrainClipDataset`` is indexed by the :class:`~training.data.samplers.TrainKey` items a sampler
 yields and returns one visible and one infrared clip of the same identity; the default collate
-function stacks them to ``rgb``/``ir`` [B, T, 3, H, W]. ``TestClipDataset`` serves evaluation
+function stacks them to ``rgb``/``ir`` [B, T, 3, H, W]. With ``augment_on="device"`` an item holds
+the transform's CPU part only (uint8 ``rgb``/``ir`` [T, H, W, 3] and ``rgb_plan``/``ir_plan``
+:class:`~vvireid.training.data.transforms.AugmentPlan`), a quarter of the bytes to build, pickle
+and copy; whoever receives the batch finishes it with ``transform.apply`` on its device (the
+trainer: on the GPU, after the copy). ``TestClipDataset`` serves evaluation
 through ``vvireid.model.preprocess.FramePreprocessor``, the code path the indexer and the server use.
 
 Unreadable frames: ``on_bad_frame="fail"`` (default) raises ``FrameError`` naming the frame;
@@ -28,6 +32,7 @@ from vvireid.training.data.samplers import TrainKey
 log = logging.getLogger(__name__)
 
 BAD_FRAME_POLICIES = ("fail", "skip")
+AUGMENT_ON = ("device", "worker")
 
 
 class FrameLoader:
@@ -100,8 +105,11 @@ class TrainClipDataset(_TrackletDataset):
             over the shorter length, serves both (the official loader uses the IR length).
         seed: mixed with each key's ``draw`` so that a run is reproducible.
         on_bad_frame: ``fail`` or ``skip`` (module docstring).
+        augment_on: ``worker`` (float clips) or ``device`` (uint8 pixels and plans; needs a
+            transform with ``plan_pair``, see the module docstring).
 
-    Shape: ``rgb``, ``ir`` [T, 3, H, W]; ``pid``, ``rgb_camid``, ``ir_camid`` ints.
+    Shape: ``rgb``, ``ir`` [T, 3, H, W] float (``worker``) or [T, H, W, 3] uint8 (``device``);
+    ``pid``, ``rgb_camid``, ``ir_camid`` ints.
     """
 
     def __init__(
@@ -114,8 +122,15 @@ class TrainClipDataset(_TrackletDataset):
         aligned_pairs: bool = False,
         seed: int = 0,
         on_bad_frame: str = "fail",
+        augment_on: str = "worker",
     ) -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+        if augment_on == "device" and not hasattr(transform, "plan_pair"):
+            raise ValueError(f"augment_on='device' needs a transform with a CPU/device split "
+                             f"(plan_pair/apply); {type(transform).__name__} has none")
         self.tracklets = list(tracklets)
+        self.augment_on = augment_on
         self.transform, self.seq_len, self.sampling = transform, seq_len, sampling
         self.aligned_pairs, self.seed = aligned_pairs, seed
         self.frames = FrameLoader(on_bad_frame)
@@ -140,7 +155,11 @@ class TrainClipDataset(_TrackletDataset):
             ir_idx = sample_train(len(ir_t), self.seq_len, self.sampling, rng)
         rgb_images, ir_images = self.frames.load(rgb_t, rgb_idx), self.frames.load(ir_t, ir_idx)
         rgb_frames, ir_frames = [rgb_images[i] for i in rgb_idx], [ir_images[i] for i in ir_idx]
-        if hasattr(self.transform, "pair"):
+        plans: dict[str, Any] = {}
+        if self.augment_on == "device":
+            (rgb, plans["rgb_plan"]), (ir, plans["ir_plan"]) = self.transform.plan_pair(
+                rgb_frames, ir_frames, rng)
+        elif hasattr(self.transform, "pair"):
             rgb, ir = self.transform.pair(rgb_frames, ir_frames, rng)
         else:
             rgb = self.transform(rgb_frames, Modality.VISIBLE, rng)
@@ -148,6 +167,7 @@ class TrainClipDataset(_TrackletDataset):
         return {
             "rgb": rgb,
             "ir": ir,
+            **plans,
             "pid": int(rgb_t.pid),
             "rgb_camid": rgb_t.camid,
             "ir_camid": ir_t.camid,
