@@ -525,8 +525,8 @@ class TrackletEncoder:
         if declined:
             log.warning("%d of %d JPEG frames could not be decoded on %s; decoded on the CPU",
                         declined, len(jobs), self.device)
-        table, rows = self._frame_table(loaded, on_device)
         thumbs = self._device_thumbnails(loaded, on_device, failed, pool)
+        clips = self._lay_out_clips(loaded, on_device, failed)
         out: list[_Prepared | EncodeFailure] = []
         for k, item in enumerate(loaded):
             if not isinstance(item, _Undecoded):
@@ -534,12 +534,24 @@ class TrackletEncoder:
             elif k in failed:
                 out.append(failed[k])
             else:
-                order = [rows[(k, i)] for clip in item.indices for i in clip]
-                clips = table[torch.tensor(order, device=table.device)]
-                clips = clips.view(len(item.indices), -1, *clips.shape[1:])
                 thumb = thumbs[k].result() if k in thumbs else item.thumbnail
-                out.append(_Prepared(item.tracklet, clips, thumb))
+                out.append(_Prepared(item.tracklet, clips[k], thumb))
         return out
+
+    def _lay_out_clips(
+        self, loaded: list[Any], on_device: dict[tuple[int, int], torch.Tensor],
+        failed: dict[int, EncodeFailure],
+    ) -> dict[int, torch.Tensor]:
+        """Each decoded tracklet's clips, uint8 [C, T, 3, H, W] on the device: views of one
+        gather over the chunk's frame table (one index copy and one kernel per chunk)."""
+        table, rows = self._frame_table(loaded, on_device)
+        ok = [k for k, item in enumerate(loaded) if isinstance(item, _Undecoded) and k not in failed]
+        if not ok:
+            return {}
+        order = [rows[(k, i)] for k in ok for clip in loaded[k].indices for i in clip]
+        frames = table[torch.tensor(order, device=table.device)]
+        clips = frames.view(-1, self.preprocessor.config.seq_len, *frames.shape[1:])
+        return dict(zip(ok, clips.split([len(loaded[k].indices) for k in ok]), strict=True))
 
     def _frame_table(
         self, loaded: list[Any], on_device: dict[tuple[int, int], torch.Tensor]

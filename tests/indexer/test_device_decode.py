@@ -199,3 +199,21 @@ def test_index_cli_decodes_where_asked(tmp_path, capsys, make_gallery, checkpoin
                      "--out", str(tmp_path / "x"), "--decode", "gpu"])
     assert code == 2
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_dense_sampling_lays_out_every_clip_on_the_device_path(frames_of, tiny_kwargs):
+    from vvireid.model.config import ModelConfig
+    from vvireid.model.factory import create_model
+
+    model = create_model(ModelConfig("xreid", 5, seq_len=4, num_cameras=3, test_sampling="dense",
+                                     **tiny_kwargs)).eval()
+    long = Tracklet("long", tuple(frames_of("long", 10, 3)), Modality.VISIBLE, 1)  # 3 clips
+    short = Tracklet("short", tuple(frames_of("short", 3, 4)), Modality.INFRARED, 2)  # 1 clip
+    results = {}
+    for decode in ("cpu", "device"):
+        encoder = TrackletEncoder(model, device="cpu", batch_size=2, num_workers=2, decode=decode)
+        results[decode] = _encode(encoder, [long, short])["done"]
+    expected = encoder.encode_prepared([encoder.prepare(long.frames)], [1])[0]
+    assert np.abs(results["cpu"]["long"][0] - expected).max() <= 1e-5
+    for tracklet_id in ("long", "short"):
+        assert _cosine(results["device"][tracklet_id][0], results["cpu"][tracklet_id][0]) >= 0.999
