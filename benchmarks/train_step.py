@@ -23,7 +23,7 @@ second per worker with and without that hand-off. For ``device``, ``device_part_
 times ``transform.apply`` on ``--device`` for one collated batch (the trainer's cost per step).
 ``--data-workers N`` also times a real DataLoader with N worker processes (after its first batch).
 ``--data-profile`` prints the per-frame cost of each stage instead (decode, resize, crop/flip,
-normalise, erasing and channel ops, assembly and hand-off).
+normalise, erasing and channel ops on the CPU, assembly and hand-off of float vs uint8 clips).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch.multiprocessing  # noqa: F401 - registers the tensor reductions For
 from vvireid.indexer.sources import load_dataset
 from vvireid.model.config import ModelConfig
 from vvireid.model.factory import create_model
-from vvireid.model.preprocess import load_image
+from vvireid.model.preprocess import load_image, load_pixels
 from vvireid.model.types import Modality
 from vvireid.training.config import load_config
 from vvireid.training.data.samplers import CrossModalityIdentitySampler
@@ -277,13 +277,15 @@ def profile_data(method: str, root: Path) -> dict:
     paths = [p for clip in clips for p in clip]
     frames = len(paths)
     data = [Path(p).read_bytes() for p in paths]
-    images = [load_image(d) for d in data]
+    images = [load_pixels(d) for d in data]  # what TrainClipDataset's workers decode to
     resized = [transform._resize(i) for i in images]
     rng = np.random.default_rng(0)
     torch.set_num_threads(1)  # as in a DataLoader worker
     modalities = [Modality.VISIBLE if i % 2 else Modality.INFRARED for i in range(len(clips))]
     out = {"method": method, "augment": config.augment, "frames": frames,
-           "decode_ms": _per_frame_ms(lambda: [load_image(d) for d in data], frames),
+           "decode_ms": _per_frame_ms(lambda: [load_pixels(d) for d in data], frames),
+           "decode_via_pil_ms": _per_frame_ms(lambda: [np.asarray(load_image(d)) for d in data],
+                                              frames),
            "resize_ms": _per_frame_ms(lambda: [transform._resize(i) for i in images], frames)}
     if isinstance(transform, VLDTransform):
         canvas = np.zeros((frames, *m.image_size, 3), dtype=np.uint8)
@@ -299,11 +301,12 @@ def profile_data(method: str, root: Path) -> dict:
         frames)
     pixels = torch.stack([p for p, _ in cpu_parts])
     plan = AugmentPlan(*(torch.stack(x) for x in zip(*(q for _, q in cpu_parts), strict=True)))
-    empty = AugmentPlan.empty(pixels.shape[0] * seq_len)
-    empty = AugmentPlan(*(t.view(pixels.shape[0], seq_len, *t.shape[1:]) for t in empty))
-    out["normalise_ms_cpu"] = _per_frame_ms(lambda: apply_plan(pixels, empty), frames)
+    empty = AugmentPlan.empty(seq_len)
+    # per clip, as augment_on=worker runs it in a DataLoader worker
+    out["normalise_ms_cpu"] = _per_frame_ms(
+        lambda: [apply_plan(p, empty, transform.mean, transform.std) for p, _ in cpu_parts], frames)
     out["normalise_erase_channel_ops_ms_cpu"] = _per_frame_ms(
-        lambda: transform.apply(pixels, plan), frames)
+        lambda: [transform.apply(p, q) for p, q in cpu_parts], frames)
     floats = transform.apply(pixels, plan)
     out["assemble_float_ms"] = _per_frame_ms(lambda: torch.stack(list(floats)), frames)
     out["assemble_uint8_ms"] = _per_frame_ms(lambda: torch.stack(list(pixels)), frames)

@@ -238,3 +238,16 @@ def test_empty_plan_is_plain_normalisation():
     clip = frames(3)
     pixels, _ = t.plan(clip, Modality.INFRARED, None)
     assert_close(apply_plan(pixels, AugmentPlan.empty(3)), reference(t, clip, Modality.INFRARED, None))
+
+
+@pytest.mark.parametrize("size", [(16, 32), (20, 40)])
+def test_uint8_array_frames_give_the_pil_frames_result(size):
+    """The dataset hands decoded arrays (load_pixels) to the transforms; same tensors as PIL."""
+    for method in METHODS:
+        t = METHODS[method](pair_flip_p=0.5)
+        for seed in range(6):
+            rgb, ir = frames(4, seed, size=size), frames(4, seed + 50, size=size)
+            want = reference_pair(t, rgb, ir, np.random.default_rng(seed))
+            got = t.pair([np.asarray(f) for f in rgb], [np.asarray(f) for f in ir],
+                         np.random.default_rng(seed))
+            assert_close(got[0], want[0]) and assert_close(got[1], want[1])

@@ -3,7 +3,7 @@
 Each transform is split in two so that the DataLoader workers only do what is cheap on uint8:
 
 * the **CPU part** ``transform.plan(frames, modality, rng) -> (pixels, plan)`` decodes nothing
-  itself (it takes PIL frames), resizes, and does the geometry on uint8 (pad + random crop,
+  itself (it takes decoded frames: PIL images or uint8 [h, w, 3] arrays), resizes, and does the geometry on uint8 (pad + random crop,
   flips), returning ``pixels`` uint8 [T, H, W, 3]; every other random decision (erasing boxes
   and their fill values, ChannelExchange / ChannelAdapGray choices) goes into an
   :class:`AugmentPlan` of small tensors, drawn from ``rng`` in the same order as the official
@@ -41,7 +41,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -74,6 +74,16 @@ def erase_box(
         if 0 < h < height and 0 < w < width:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     return None
+
+
+Frame = Union[Image.Image, np.ndarray]  # a decoded frame: PIL image or uint8 [h, w, 3]
+
+
+def _flip(frame: Frame) -> Frame:
+    """Left-right mirror of a decoded frame (before the resize, as the official pair flip)."""
+    if isinstance(frame, np.ndarray):
+        return frame[:, ::-1]
+    return frame.transpose(Image.FLIP_LEFT_RIGHT)
 
 
 class AugmentPlan(NamedTuple):
@@ -186,9 +196,13 @@ class _Base:
     std: tuple[float, float, float] = IMAGENET_STD
     pair_flip_p: float = 0.0
 
-    def _resize(self, image: Image.Image) -> np.ndarray:
-        """uint8 [H, W, 3]; an RGB frame already at size is used as is (PIL would copy it)."""
+    def _resize(self, image: Frame) -> np.ndarray:
+        """uint8 [H, W, 3]; a frame already RGB and at size is used as is (PIL would copy it)."""
         height, width = self.image_size
+        if isinstance(image, np.ndarray):
+            if image.shape == (height, width, 3) and image.dtype == np.uint8:
+                return image
+            image = Image.fromarray(np.ascontiguousarray(image))
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (width, height):
@@ -209,7 +223,7 @@ class _Base:
                 np.full(frames, KEEP, dtype=np.int8))
 
     def plan(
-        self, frames: Sequence[Image.Image], modality: Modality, rng: np.random.Generator
+        self, frames: Sequence[Frame], modality: Modality, rng: np.random.Generator
     ) -> tuple[torch.Tensor, AugmentPlan]:
         """The CPU part: uint8 pixels [T, H, W, 3] and the clip's :class:`AugmentPlan`."""
         frames = list(frames)
@@ -218,7 +232,7 @@ class _Base:
         return torch.from_numpy(pixels), AugmentPlan(
             torch.from_numpy(boxes), torch.from_numpy(fills), torch.from_numpy(channels))
 
-    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+    def _fill(self, frames: list[Frame], modality: Modality, rng: np.random.Generator,
               pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
               channels: np.ndarray) -> None:
         for t, frame in enumerate(frames):
@@ -229,25 +243,24 @@ class _Base:
         return apply_plan(pixels, plan, self.mean, self.std)
 
     def __call__(
-        self, frames: Sequence[Image.Image], modality: Modality, rng: np.random.Generator
+        self, frames: Sequence[Frame], modality: Modality, rng: np.random.Generator
     ) -> torch.Tensor:
         """Both parts on the CPU: float [T, 3, H, W]."""
         return self.apply(*self.plan(frames, modality, rng))
 
     def _pair_frames(
-        self, rgb_frames: Sequence[Image.Image], ir_frames: Sequence[Image.Image],
+        self, rgb_frames: Sequence[Frame], ir_frames: Sequence[Frame],
         rng: np.random.Generator,
-    ) -> tuple[list[Image.Image], list[Image.Image]]:
+    ) -> tuple[list[Frame], list[Frame]]:
         rgb_frames, ir_frames = list(rgb_frames), list(ir_frames)
         if self.pair_flip_p > 0 and rng.random() < self.pair_flip_p:
-            rgb_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in rgb_frames]
-            ir_frames = [f.transpose(Image.FLIP_LEFT_RIGHT) for f in ir_frames]
+            rgb_frames, ir_frames = [_flip(f) for f in rgb_frames], [_flip(f) for f in ir_frames]
         return rgb_frames, ir_frames
 
     def plan_pair(
         self,
-        rgb_frames: Sequence[Image.Image],
-        ir_frames: Sequence[Image.Image],
+        rgb_frames: Sequence[Frame],
+        ir_frames: Sequence[Frame],
         rng: np.random.Generator,
     ) -> tuple[tuple[torch.Tensor, AugmentPlan], tuple[torch.Tensor, AugmentPlan]]:
         """CPU part of one (visible, infrared) item; a shared tracklet-level flip when configured."""
@@ -257,8 +270,8 @@ class _Base:
 
     def pair(
         self,
-        rgb_frames: Sequence[Image.Image],
-        ir_frames: Sequence[Image.Image],
+        rgb_frames: Sequence[Frame],
+        ir_frames: Sequence[Frame],
         rng: np.random.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment one (visible, infrared) item on the CPU (both parts): float clips."""
@@ -283,7 +296,7 @@ class VLDTransform(_Base):
     channel_exchange_p: float = 0.5
     adaptive_gray_p: float = 0.5
 
-    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+    def _fill(self, frames: list[Frame], modality: Modality, rng: np.random.Generator,
               pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
               channels: np.ndarray) -> None:
         # Draw order per frame, as the official chain: crop, flip, erasing, channel op.
@@ -330,7 +343,7 @@ class XReIDTransform(_Base):
     erase_p: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.2)
 
-    def _fill(self, frames: list[Image.Image], modality: Modality, rng: np.random.Generator,
+    def _fill(self, frames: list[Frame], modality: Modality, rng: np.random.Generator,
               pixels: np.ndarray, boxes: np.ndarray, fills: np.ndarray,
               channels: np.ndarray) -> None:
         flip = rng.random() < self.flip_p

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from vvireid.model.preprocess import FrameError, FramePreprocessor, load_image
+from vvireid.model.preprocess import FrameError, FramePreprocessor, load_image, load_pixels
 from vvireid.model.sampling import sample_train
 from vvireid.model.types import Modality, Tracklet
 from vvireid.training.data.samplers import TrainKey
@@ -36,28 +36,33 @@ AUGMENT_ON = ("device", "worker")
 
 
 class FrameLoader:
-    """Decodes a tracklet's frames under a bad-frame policy, remembering frames found unreadable."""
+    """Decodes a tracklet's frames under a bad-frame policy, remembering frames found unreadable.
 
-    def __init__(self, on_bad_frame: str = "fail") -> None:
+    ``pixels=True`` decodes to uint8 [h, w, 3] arrays (``load_pixels``: libjpeg-turbo straight to
+    the array, the same pixels as the PIL image of ``load_image`` without its two copies).
+    """
+
+    def __init__(self, on_bad_frame: str = "fail", *, pixels: bool = False) -> None:
         if on_bad_frame not in BAD_FRAME_POLICIES:
             raise ValueError(
                 f"on_bad_frame must be one of {BAD_FRAME_POLICIES}, got {on_bad_frame!r}"
             )
         self.on_bad_frame = on_bad_frame
+        self._decode = load_pixels if pixels else load_image
         self.bad_frames = 0
         self._bad: set[str] = set()
 
-    def load(self, tracklet: Tracklet, indices: Sequence[int]) -> dict[int, Image.Image]:
+    def load(self, tracklet: Tracklet, indices: Sequence[int]) -> dict[int, Image.Image | np.ndarray]:
         """Decoded images of the distinct ``indices`` (a substitute for each unreadable one)."""
         return {i: self._frame(tracklet, i) for i in sorted(set(indices))}
 
-    def _frame(self, tracklet: Tracklet, index: int) -> Image.Image:
+    def _frame(self, tracklet: Tracklet, index: int) -> Image.Image | np.ndarray:
         for candidate in self._candidates(len(tracklet), index):
             path = tracklet.frames[candidate]
             if path in self._bad:
                 continue
             try:
-                return load_image(path)
+                return self._decode(path)
             except FrameError as exc:
                 if self.on_bad_frame == "fail":
                     raise
@@ -97,8 +102,9 @@ class TrainClipDataset(_TrackletDataset):
 
     Args:
         tracklets: ``DatasetSplits.train``; keys index it.
-        transform: ``vvireid.training.data.transforms`` object (``pair`` used when present) or any
-            callable ``(frames, modality, rng) -> [T, 3, H, W]``.
+        transform: ``vvireid.training.data.transforms`` object (``pair`` / ``plan_pair`` used;
+            it is given uint8 arrays) or any callable ``(frames, modality, rng) -> [T, 3, H, W]``
+            (given PIL images).
         seq_len: T, frames per clip.
         sampling: ``rrs_train`` (VCM) or ``random_sorted`` (BUPTCampus), see ``vvireid.model.sampling``.
         aligned_pairs: the two tracklets are pixel-aligned twins (BUPT): one index set, drawn
@@ -133,7 +139,7 @@ class TrainClipDataset(_TrackletDataset):
         self.augment_on = augment_on
         self.transform, self.seq_len, self.sampling = transform, seq_len, sampling
         self.aligned_pairs, self.seed = aligned_pairs, seed
-        self.frames = FrameLoader(on_bad_frame)
+        self.frames = FrameLoader(on_bad_frame, pixels=hasattr(transform, "plan_pair"))
 
     def _pair(self, key: Sequence[int]) -> tuple[Tracklet, Tracklet, np.random.Generator]:
         rgb_t, ir_t = self.tracklets[key[0]], self.tracklets[key[1]]
