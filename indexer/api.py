@@ -210,7 +210,7 @@ class ReID:
         if len(camids) != len(items):
             raise ValueError(f"{len(items)} tracklets but {len(camids)} camids")
         clips = [
-            self.encoder.prepare(_frames_of(t, f"tracklet {i}"))
+            self.encoder.prepare_pixels(_frames_of(t, f"tracklet {i}"))
             for i, t in enumerate(items)
         ]
         feats = self.encoder.encode_prepared(clips, camids)

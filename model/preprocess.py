@@ -269,9 +269,11 @@ def resize_pixels(frames: Sequence[torch.Tensor], size: tuple[int, int]) -> torc
 
 
 @lru_cache(maxsize=16)
-def _pixel_stats(
+def pixel_stats(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 [3, 1, 1] on ``device``, made once per device: a fresh
+    host-to-GPU copy per batch would wait for the GPU."""
     as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)  # noqa: E731
     return as_tensor(mean), as_tensor(std)
 
@@ -287,7 +289,7 @@ def normalize_pixels(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Te
     """
     if pixels.dtype != torch.uint8:
         raise ValueError(f"normalize_pixels expects uint8 pixels, got {pixels.dtype}")
-    mean, std = _pixel_stats(tuple(config.mean), tuple(config.std), pixels.device)
+    mean, std = pixel_stats(tuple(config.mean), tuple(config.std), pixels.device)
     return pixels.float().div_(255.0).sub_(mean).div_(std)
 
 

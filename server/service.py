@@ -448,8 +448,9 @@ class QueryEngine:
 
         Every frame is decoded (a corrupt frame is an error even if sampling would skip it), but
         only the frames the sampling rule picks are kept as images, so memory stays at about
-        ``seq_len`` decoded frames per request. Returns the clips [C, T, 3, H, W] and the frame
-        used for the thumbnail.
+        ``seq_len`` decoded frames per request. Returns the uint8 clips [C, T, 3, H, W]
+        (normalised on the encode device by the batch worker: a quarter of the queue's memory and
+        of the transfer) and the frame used for the thumbnail.
         """
         if not frames:
             raise NoFramesError(
@@ -483,7 +484,7 @@ class QueryEngine:
             # preprocessor never decodes them, so their pixels need not stay in memory.
             sources.append(image if i in wanted else frame.data)
         try:
-            clips = self.encoder.prepare(sources, names=labels)
+            clips = self.encoder.prepare_pixels(sources, names=labels)
         except FrameError as exc:
             part = parts[labels.index(exc.where)] if exc.where in labels else "frames"
             raise InvalidFrameError(str(exc), part=part) from None

@@ -37,7 +37,6 @@ X20, X21).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, pixel_stats
 from vvireid.model.types import Modality
 
 VLD_ERASE_FILL = (0.4914, 0.4822, 0.4465)
@@ -114,18 +113,6 @@ class AugmentPlan(NamedTuple):
         return AugmentPlan(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 
-@functools.lru_cache(maxsize=16)
-def _constants(
-    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std as [3, 1, 1] on ``device``, made once (a fresh host->GPU copy per batch
-    would wait for the GPU)."""
-    def column(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device)
-
-    return column(mean), column(std)
-
-
 def apply_plan(
     pixels: torch.Tensor,
     plan: AugmentPlan,
@@ -157,7 +144,7 @@ def apply_plan(
                              f"{tuple(pixels.shape)} (expected {frames + tail})")
     height, width = pixels.shape[-3:-1]
     count = math.prod(frames)
-    mean_t, std_t = _constants(pixels.device, tuple(mean), tuple(std))
+    mean_t, std_t = pixel_stats(tuple(mean), tuple(std), pixels.device)
     # One buffer: the normalised channels of every frame (rows 0 .. 3n-1), then each frame's
     # luma (rows 3n ..); the channel ops are then one row gather out of it.
     pool = torch.empty(4 * count, height, width, device=pixels.device)
