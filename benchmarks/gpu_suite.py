@@ -27,7 +27,8 @@ Sections (each in its own time box; one that fails or lacks a dependency is repo
   (nvJPEG decode and resize on the GPU) and ``float`` (the former path: float32 clips made in
   the threads, joined and copied by the model's thread); plus the minimum cosine between the
   ``device`` and ``cpu`` vectors of the same tracklets.
-- ``server``: ``benchmarks/load.py`` (32 clients, a 100k gallery) when fastapi and faiss import.
+- ``server``: ``benchmarks/load.py`` (VLD ViT-B/16, bf16, eager unless ``--server-compile``; 32
+  clients, a 100k gallery) when fastapi and faiss import.
 
 Time boxes: the whole run has ``--budget-s`` (default 450 s). A compiled mode starts only while
 ``--compile-reserve-s`` is left, a subprocess section gets at most what is left, and a section
@@ -441,7 +442,12 @@ def bench_server(args: argparse.Namespace, device: torch.device) -> dict[str, An
     if args.smoke:
         command += ["--gallery", "200", "--clients", "2", "--requests", "2", "--size", "64x32"]
     else:
-        command += ["--gallery", "100000", "--clients", "32", "--requests", "20"]
+        # The setting: a VLD ViT-B/16 (random weights cost what trained ones do), a 100k
+        # gallery, 32 clients. Compiling every batch bucket at start costs minutes, so the
+        # server runs eager bf16 unless --server-compile.
+        command += ["--gallery", "100000", "--clients", "32", "--requests", "20",
+                    "--method", "vld", "--backbone", "ViT-B-16", "--max-batch", "32",
+                    "--compile" if args.server_compile else "--no-compile"]
     return run_subprocess(command, timeout=args.section_timeout)
 
 
@@ -464,6 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile mode")
     parser.add_argument("--encode-batch", type=int, default=64, help="tracklets per encode call")
     parser.add_argument("--encode-iters", type=int, default=10, help="timed encode calls")
+    parser.add_argument("--server-compile", action="store_true",
+                        help="server section: start the server with --compile (minutes of warm-up)")
     parser.add_argument("--section-timeout", type=float, default=180.0,
                         help="seconds allowed to each subprocess section")
     parser.add_argument("--compile-methods", default="vld,xreid",
