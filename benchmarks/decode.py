@@ -8,9 +8,11 @@ Usage::
 
 Reports, on one thread (a request's own worker thread), the median time per query of:
 ``pil`` (PIL decode to RGB), ``simplejpeg`` (libjpeg-turbo via simplejpeg, when installed),
-``load_image`` (``vvireid.model.preprocess.load_image``, what the indexer and the encoder call)
-and ``clips`` (``FramePreprocessor.clips``: decode + bilinear resize + normalisation, the whole
-CPU part of a query). The frames are synthetic camera-like crops (gradients plus noise, 4:2:0
+``load_image`` (``vvireid.model.preprocess.load_image``, what the indexer and the encoder call),
+``server_decode`` (the query server's header probe and decode, ``vvireid.server.service``) and
+``clips`` (``FramePreprocessor.clips``: decode + bilinear resize + normalisation) and
+``pixel_clips`` (decode + resize to uint8, the whole CPU part of a query now that the encode
+device normalises). The frames are synthetic camera-like crops (gradients plus noise, 4:2:0
 JPEG at quality 90), so the figure is reproducible anywhere. Target (issue 13): <= 3 ms.
 
 ``--prepare`` adds what one decode thread of ``vvireid-index`` spends per tracklet (12 frames,
@@ -85,8 +87,28 @@ def measure(frames: int, height: int, width: int, iters: int) -> dict[str, Any]:
     config = ModelConfig("vld", 10, image_size=(height, width), seq_len=frames)
     preprocessor = FramePreprocessor(config.preprocess)
     result["clips_ms"] = median_ms(lambda: preprocessor.clips(data), iters)
+    result["pixel_clips_ms"] = median_ms(lambda: preprocessor.pixel_clips(data), iters)
+    server = _server_decode(data, (width, height))
+    if server is not None:
+        result["server_decode_ms"] = median_ms(server, iters)
     result["target_ms"] = 3.0
     return result
+
+
+def _server_decode(data: list[bytes], needed: tuple[int, int]) -> Callable[[], Any] | None:
+    """The query server's own decode of a request's frames (header probe, then the pixels), or
+    None when the server's packages are not installed."""
+    try:
+        from vvireid.server.service import decode_frame, probe_frame
+    except ImportError:
+        return None
+    limit = 1 << 40
+
+    def run() -> list[Any]:
+        return [decode_frame(probe_frame(d, "frames", "frames", limit), "frames", "frames",
+                             needed, d) for d in data]
+
+    return run
 
 
 def measure_prepare(height: int, width: int, iters: int) -> dict[str, Any]:
