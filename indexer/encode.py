@@ -485,7 +485,9 @@ class TrackletEncoder:
     ) -> list[_Prepared | EncodeFailure]:
         """The staging thread's work on one chunk; ``pool`` (the decode threads, idle while
         the device decodes) encodes the thumbnails' JPEGs, inline without one."""
-        if self.decode == "device":
+        # By what the workers made, not by the mode: the mode can fall back to the CPU while
+        # a chunk read for the device is in flight (see _decode_items).
+        if any(isinstance(x, _Undecoded) for x in loaded):
             return self._decode_items(loaded, pool)
         ready = [x for x in loaded if isinstance(x, _Prepared)]
         if ready:
@@ -525,6 +527,12 @@ class TrackletEncoder:
         if declined:
             log.warning("%d of %d JPEG frames could not be decoded on %s; decoded on the CPU",
                         declined, len(jobs), self.device)
+        if jobs and declined == len(jobs) and self.decode == "device":
+            # The device decodes nothing (no usable nvJPEG, say): one staging thread decoding
+            # every frame would be far slower than the decode threads, so hand them the work.
+            log.warning("the device declined every JPEG frame of a chunk: decoding on the CPU "
+                        "(decode='cpu') from the next chunk on")
+            self.decode = "cpu"
         thumbs = self._device_thumbnails(loaded, on_device, failed, pool)
         clips = self._lay_out_clips(loaded, on_device, failed)
         out: list[_Prepared | EncodeFailure] = []

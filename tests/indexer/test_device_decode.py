@@ -169,6 +169,25 @@ def test_a_frame_the_device_declines_is_decoded_on_the_cpu(checkpoint, gallery, 
     assert "1 of 6 JPEG frames could not be decoded on cpu; decoded on the CPU" in caplog.text
 
 
+def test_a_device_that_decodes_nothing_hands_decoding_to_the_cpu_threads(
+    checkpoint, gallery, monkeypatch, caplog
+):
+    """Without a working device decoder every frame would be decoded serially by the staging
+    thread; after one such chunk the encoder decodes on the CPU threads, and no tracklet (in
+    flight when it switches, or later) is lost or changed."""
+    monkeypatch.setattr(encode_module, "decode_jpegs", lambda datas, device: [None] * len(datas))
+    ckpt = checkpoint()
+    encoder = _encoder(ckpt, "device")
+    device = _encode(encoder, gallery)
+    cpu = _encode(_encoder(ckpt, "cpu"), gallery)
+    assert encoder.decode == "cpu"
+    assert not device["failures"] and list(device["done"]) == list(cpu["done"])
+    for tracklet_id, (vector, thumbnail) in device["done"].items():
+        assert np.allclose(vector, cpu["done"][tracklet_id][0], atol=1e-6)
+        assert thumbnail == cpu["done"][tracklet_id][1]
+    assert caplog.text.count("the device declined every JPEG frame of a chunk") == 1
+
+
 def test_decode_modes_are_checked(monkeypatch):
     assert resolve_decode("auto", CPU) == "cpu"  # auto decodes on the device only on CUDA
     assert resolve_decode("device", CPU) == "device"
