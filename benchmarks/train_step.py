@@ -222,28 +222,25 @@ def bench_data_mode(method: str, args: argparse.Namespace, root: Path, augment_o
     return result
 
 
+def _seconds_per_call(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """Mean seconds of ``fn`` over ``reps`` calls after one untimed warm-up call (allocator,
+    kernels), synchronised with ``device`` on both sides."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / reps
+
+
 def _device_part_cost(transform: Any, items: dict, device: torch.device, reps: int = 5) -> dict:
     """The trainer's per-step finishing cost: copy a collated uint8 batch, apply the plans."""
-    def finish() -> torch.Tensor:
-        return to_train_batch(items, device, transform).clips
-
-    clips = finish()  # warm-up (allocator, kernels)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        finish()
-    _sync(device)
-    with_copy = (time.perf_counter() - start) / reps
+    with_copy = _seconds_per_call(lambda: to_train_batch(items, device, transform), device, reps)
     pixels = torch.cat([items["rgb"], items["ir"]]).to(device)
     plan = AugmentPlan.cat([items["rgb_plan"], items["ir_plan"]]).to(device)
-    transform.apply(pixels, plan)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        transform.apply(pixels, plan)
-    _sync(device)
-    apply_only = (time.perf_counter() - start) / reps
-    return {"device_part_device": str(device), "device_part_batch": list(clips.shape),
+    apply_only = _seconds_per_call(lambda: transform.apply(pixels, plan), device, reps)
+    return {"device_part_device": str(device), "device_part_batch": [*pixels.shape[:-3], 3, *pixels.shape[-3:-1]],
             "device_part_ms_per_batch": round(1000 * apply_only, 3),
             "copy_and_device_part_ms_per_batch": round(1000 * with_copy, 3)}
 

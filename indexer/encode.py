@@ -409,7 +409,7 @@ class TrackletEncoder:
     def _load(self, tracklet: Tracklet, thumbnails: bool) -> _Prepared | _Undecoded | EncodeFailure:
         """Check and read one tracklet (runs in a worker thread); decode it unless the device
         will (``decode="device"``)."""
-        where = str((tracklet.extra or {}).get("source") or tracklet.tracklet_id)
+        where = _source_of(tracklet)
         try:
             Modality.parse(tracklet.modality)
         except ValueError as exc:
@@ -441,7 +441,6 @@ class TrackletEncoder:
         """Read the sampled frames; plain JPEGs wait for the device, others decode here."""
         frames = tracklet.frames
         indices, wanted = self.preprocessor.sampled_frames(len(frames))
-        middle = thumbnail_frame(indices)
         item = _Undecoded(tracklet, indices, thumbnails)
         for i in wanted:
             where = str(frames[i]) if isinstance(frames[i], (str, Path)) else None
@@ -449,15 +448,13 @@ class TrackletEncoder:
             if isinstance(data, bytes) and device_decodable(data):
                 item.jpegs[i] = (data, where or "frame")
             else:
-                self._decode_on_cpu(item, i, data, where, middle)
+                self._decode_on_cpu(item, i, data, where)
         return item
 
-    def _decode_on_cpu(
-        self, item: _Undecoded, i: int, data: FrameSource, where: str | None, middle: int
-    ) -> None:
+    def _decode_on_cpu(self, item: _Undecoded, i: int, data: FrameSource, where: str | None) -> None:
         """The CPU path for one frame of a device-decoded tracklet (it names a bad file)."""
         decoded = load_pixels(data, where)
-        if item.wants_thumbnail and i == middle:
+        if item.wants_thumbnail and i == thumbnail_frame(item.indices):
             item.thumbnail = make_thumbnail(Image.fromarray(decoded))
         item.pixels[i] = self.preprocessor.frame_pixels(decoded)
 
@@ -521,7 +518,7 @@ class TrackletEncoder:
                 continue
             declined += 1
             try:
-                self._decode_on_cpu(item, i, data, where, thumbnail_frame(item.indices))
+                self._decode_on_cpu(item, i, data, where)
             except FrameError as exc:
                 failed.setdefault(k, EncodeFailure(item.tracklet.tracklet_id, exc.where, exc.reason))
         if declined:
@@ -632,12 +629,16 @@ class TrackletEncoder:
                 rows.append(self.encode_prepared([item.clips], [int(item.tracklet.camid)]))
                 kept.append(item)
             except (ValueError, IndexError, RuntimeError) as exc:
-                where = str((item.tracklet.extra or {}).get("source") or item.tracklet.tracklet_id)
-                failures.append(
-                    EncodeFailure(item.tracklet.tracklet_id, where, f"model rejected it: {exc}")
-                )
+                failures.append(EncodeFailure(
+                    item.tracklet.tracklet_id, _source_of(item.tracklet), f"model rejected it: {exc}"
+                ))
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
         return kept, vectors, failures
+
+
+def _source_of(tracklet: Tracklet) -> str:
+    """Where a failure of ``tracklet`` points the user: its source (file or manifest line) or id."""
+    return str((tracklet.extra or {}).get("source") or tracklet.tracklet_id)
 
 
 def _run(pool: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Future[Any]:

@@ -268,6 +268,26 @@ def resize_pixels(frames: Sequence[torch.Tensor], size: tuple[int, int]) -> torc
     return out
 
 
+def resize_frame(frame: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame (PIL image, or uint8 array [h, w, 3] or [h, w]) resized with PIL's bilinear
+    filter to ``size`` = (H, W): RGB uint8 [H, W, 3].
+
+    A frame already RGB and at ``size`` is returned as it is: PIL's resize to the same size is a
+    plain copy, so skipping it changes no pixel. The one resize of the indexer, the server and
+    the training augmentation, so the three see the same pixels.
+    """
+    height, width = size
+    if isinstance(frame, np.ndarray):
+        if frame.shape == (height, width, 3) and frame.dtype == np.uint8:
+            return frame
+        frame = Image.fromarray(np.ascontiguousarray(frame))
+    if frame.mode != "RGB":
+        frame = frame.convert("RGB")
+    if frame.size != (width, height):
+        frame = frame.resize((width, height), Image.BILINEAR)
+    return np.asarray(frame)
+
+
 @lru_cache(maxsize=16)
 def pixel_stats(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
@@ -306,18 +326,8 @@ class FramePreprocessor:
         self._std_np = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
 
     def frame_pixels(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """Resize (PIL bilinear) an RGB image or uint8 [h, w, 3] array to uint8 [H, W, 3].
-
-        A frame already at (H, W) is returned as it is: PIL's resize to the same size is a
-        plain copy, so skipping it changes no pixel.
-        """
-        height, width = self.config.image_size
-        if isinstance(image, np.ndarray):
-            if image.shape[:2] == (height, width):
-                return image
-            image = Image.fromarray(image)
-        resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
-        return np.asarray(resized, dtype=np.uint8)
+        """:func:`resize_frame` to this checkpoint's (H, W): uint8 [H, W, 3]."""
+        return resize_frame(image, self.config.image_size)
 
     def frame_tensor(self, image: Image.Image) -> torch.Tensor:
         """Resize (bilinear) to (H, W), scale to [0, 1], normalise. Returns float32 [3, H, W].

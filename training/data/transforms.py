@@ -45,7 +45,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, pixel_stats
+from vvireid.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, pixel_stats, resize_frame
 from vvireid.model.types import Modality
 
 VLD_ERASE_FILL = (0.4914, 0.4822, 0.4465)
@@ -184,17 +184,8 @@ class _Base:
     pair_flip_p: float = 0.0
 
     def _resize(self, image: Frame) -> np.ndarray:
-        """uint8 [H, W, 3]; a frame already RGB and at size is used as is (PIL would copy it)."""
-        height, width = self.image_size
-        if isinstance(image, np.ndarray):
-            if image.shape == (height, width, 3) and image.dtype == np.uint8:
-                return image
-            image = Image.fromarray(np.ascontiguousarray(image))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-        return np.asarray(image)
+        """uint8 [H, W, 3]: the indexer's and the server's resize (:func:`resize_frame`)."""
+        return resize_frame(image, self.image_size)
 
     def _normalised(self, colour: np.ndarray) -> np.ndarray:
         """What normalisation makes of a uint8 RGB value: float32 [3] (same ops as apply_plan)."""
