@@ -8,7 +8,8 @@ How the server becomes ``nobody``: with ``setpriv`` when ``nobody`` can run this
 otherwise (an interpreter under a root-only folder such as ``/root/.pyenv``) a root process
 imports the server stack, drops to ``nobody`` (uid, gid and groups) and only then runs the CLI,
 so every read of the checkpoint and the index still happens as ``nobody``. Skipped unless the
-tests run as root.
+tests run as root, and when ``nobody`` cannot reach the checkout itself (a clone in an
+owner-only folder such as ``mktemp -d``'s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from server_support import TinyGallery, build_tiny_gallery
 from vvireid.model.types import Modality
 
 UMASK = 0o002
+CHECKOUT = Path(__file__).resolve().parents[2]
 USER = "nobody"
 READY_TIMEOUT_S = 120
 
@@ -46,7 +48,8 @@ import PIL.Image, uvicorn, uvicorn.config
 import vvireid.indexer, vvireid.model, vvireid.server
 for package in (vvireid.model, vvireid.indexer, vvireid.server):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        importlib.import_module(module.name)
+        if not module.name.endswith(".__main__"):  # importing one runs its command line
+            importlib.import_module(module.name)
 PIL.Image.init()
 uvicorn.config.Config(app=None, log_level="info").load()
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
@@ -76,7 +79,24 @@ def _server_command(uid: int, gid: int, argv: list[str]) -> list[str]:
     if shutil.which("setpriv") and _can_run_interpreter(uid, gid):
         return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable,
                 "-m", "vvireid.server", *argv]
+    if not _can_read_checkout(uid):
+        pytest.skip(f"{USER} cannot read this checkout ({CHECKOUT} or a folder above it is "
+                    "owner-only), so no server can run from it as that user")
     return [sys.executable, "-c", DROP_THEN_SERVE, str(uid), str(gid), *argv]
+
+
+def _can_read_checkout(uid: int) -> bool:
+    """Whether ``uid`` can reach the sources and the package metadata the server reads after
+    dropping privileges (every folder on the way must be searchable by it)."""
+    folder = CHECKOUT
+    while True:
+        mode = folder.stat()
+        others_x = bool(mode.st_mode & stat.S_IXOTH) or mode.st_uid == uid
+        if not others_x:
+            return False
+        if folder.parent == folder:
+            return True
+        folder = folder.parent
 
 
 @contextlib.contextmanager

@@ -70,7 +70,9 @@ def _worker(rank: int, world: int, port: int, results: dict) -> None:
 
 
 def test_gathered_batch_gives_the_single_process_gradient():
-    manager = mp.Manager()
+    # A spawned manager: forking this process (Milvus Lite's gRPC threads may be live in it by
+    # now) can abort the child.
+    manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
 
